@@ -1,0 +1,3 @@
+from rr_ray.cli import entry
+
+entry()

@@ -1,0 +1,31 @@
+"""Joining Ray: the cluster named by config or RAY_ADDRESS, else a local Ray started on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rr_ray.config import RayConfig
+
+# Passed to every worker so actors on any node resolve models offline and share our cache layout.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RR_RAY_CACHE", "AWS_ACCESS_KEY_ID",
+                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+def connect(cfg: RayConfig | None = None) -> str:
+    """Initialise Ray once per process and return the address joined ("local" for a fresh local Ray)."""
+    cfg = cfg or RayConfig()
+    if ray.is_initialized():
+        return "existing"
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    common = dict(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True)
+    if address:
+        ray.init(address=address, **common)
+        return address
+    # Keep every port of a local Ray on loopback (Ray otherwise binds the interface address).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    return "local"

@@ -1,0 +1,236 @@
+"""Typed run configuration: one root object, loaded from YAML, overridable with dotted ``--set`` pairs.
+
+Every field has a default, so an empty YAML file is a valid (CPU, SmolLM2-135M) config. Unknown keys and
+wrong types are rejected with a single line that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PACKAGED_MODELS = ("smollm2-135m-instruct",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line (the CLI exits with code 2)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    dir: str = Field("runs/default", description="Run directory: a local path or s3://bucket/prefix.")
+    seed: int = Field(0, description="Seed for every random choice in the run.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); None = AWS.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Packaged model name, local HF directory, s3:// URI or hub id.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype for training and evaluation."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where converted/downloaded models are cached (default ~/.cache/rr-ray)."
+    )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value in PACKAGED_MODELS or value.startswith("s3://") or Path(value).expanduser().is_dir():
+            return value
+        if _HUB_ID.match(value) and not value.startswith((".", "/")):
+            return value
+        raise ValueError(
+            f"unknown model {value!r}: not a packaged model {list(PACKAGED_MODELS)}, "
+            "an existing local directory, an s3:// URI or a hub id (owner/name)"
+        )
+
+
+class GenerationConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation engine behind the actor pool.")
+    num_actors: int = Field(1, ge=1, description="Generator actors in the Ray pool.")
+    cpus_per_actor: float = Field(2.0, gt=0, description="Ray CPUs per actor (also its torch threads).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPUs per actor (vllm needs >= 1).")
+    batch_size: int = Field(32, ge=1, description="Prompts per batch sent to one actor.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Generation dtype (bf16 runs ~4x faster than fp32 on AMX CPUs)."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Token budget per completion.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    n: int = Field(1, ge=1, description="Samples per prompt.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (cut from the output).")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a dead actor before the pool fails.")
+    max_task_retries: int = Field(3, ge=0, description="Retries of a batch whose actor died.")
+    vllm_max_lora_rank: int = Field(64, ge=1, description="vLLM max_lora_rank (composed LoRAs stack ranks).")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM KV-cache share.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description="Cluster to join; None = RAY_ADDRESS if set, else start a local Ray."
+    )
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray (None = all).")
+    namespace: str = Field("rr-ray", description="Ray namespace of the run's actors.")
+
+
+class TaskConfig(_Section):
+    name: Literal["code", "toxicity", "ner", "custom"] = Field("code", description="Unlearning target.")
+    num_contexts: int = Field(16, ge=1, description="Reveal contexts C drawn from the task's prompts.")
+
+
+class RevealConfig(_Section):
+    """Algorithm 1 of the paper (section 3.1)."""
+
+    outer_iterations: int = Field(3, ge=1, description="m: outer iterations (paper: 3).")
+    inner_iterations: int = Field(5, ge=1, description="n: NeuralUCB steps per outer iteration.")
+    warm_start_k: int = Field(10, ge=0, description="k best prompts that warm-start each outer loop.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of diversity in the harmonic mean (line 12).")
+    num_candidates: int = Field(500, ge=1, description="Soft-prompt candidates (Sobol points).")
+    intrinsic_dim: int = Field(10, ge=1, description="Dimension of the soft-prompt search box.")
+    soft_tokens: int = Field(5, ge=1, description="Soft-prompt length in input embeddings.")
+    exemplars: int = Field(3, ge=0, description="Exemplars from C shown when decoding an instruction.")
+    batch_candidates: int = Field(1, ge=1, description="B: candidates scored per inner step (1 = paper).")
+    vendi_q: float = Field(1.0, gt=0, description="Order q of the Vendi score (1 = Shannon).")
+    embedder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model for diversity.")
+    ucb_nu: float = Field(0.1, ge=0, description="NeuralUCB exploration weight nu.")
+    ucb_lambda: float = Field(1.0, gt=0, description="NeuralUCB regulariser lambda.")
+    mode: Literal["search", "direct"] = Field(
+        "search", description="direct = the task prompt, no search (NER, paper section 4.4)."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="Modules that get a LoRA."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+
+
+class TrainConfig(_Section):
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description="Ray Train strategy.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="Train on GPUs.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate.")
+    epochs: int = Field(1, ge=1, description="Epochs per PEM.")
+    batch_size: int = Field(8, ge=1, description="Per-worker batch size.")
+    max_length: int = Field(256, ge=8, description="Max tokens per training example.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+
+
+class RulesConfig(_Section):
+    """Merge-weight threshold rules of section 3.2 (defaults are the paper's; 0.4 = the 60 % ablation)."""
+
+    forget_ratio: float = Field(0.1, gt=0, le=1, description="Accept mu_i when s_i <= ratio * s_{i-1}.")
+    retain_ratio: float = Field(0.95, gt=0, le=1, description="Accept lambda_i when u_i >= ratio * u_{i-1}.")
+
+
+class ReleaseConfig(_Section):
+    """Equation 1 of the paper (section 3.2)."""
+
+    iterations: int = Field(1, ge=0, description="l: retain/forget iterations after mu_0.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
+    forget_weights: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 3.0, 4.0, 5.0], description="Candidates for mu_i."
+    )
+    retain_weights: list[float] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.5, 1.0], description="Candidates for lambda_i."
+    )
+
+
+class RRConfig(_Section):
+    """The root config of one rr-ray run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    reveal: RevealConfig = Field(default_factory=RevealConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value), the value parsed as YAML (so 16 is int, [x] a list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. release.lora.r=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    node: Any = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _first_error(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return ConfigError(f"{source}: {key}: {msg}" + (f" (+{more} more)" if more else ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RRConfig:
+    """Read a YAML config (None = all defaults), apply dotted overrides, validate; raise ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value, item)
+    if overrides:
+        source += f" (with --set {' '.join(overrides)})"
+    try:
+        return RRConfig.model_validate(data)
+    except ValidationError as err:
+        raise _first_error(err, source) from None

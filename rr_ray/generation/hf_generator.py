@@ -1,0 +1,96 @@
+"""transformers backend: batched, left-padded decoding with optional per-request LoRA adapters."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from rr_ray.generation.base import Completion, Request, SamplingParams, cut_at_stop
+from rr_ray.models.loader import apply_chat, load_model, load_tokenizer
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+class HFGenerator:
+    """Generates with ``model.generate``; rows of one batch may use different adapters (peft mixed batch)."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", threads: int | None = None,
+                 batch_size: int = 32) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_model(model_dir, dtype)
+        self.batch_size = batch_size
+        self._adapters: dict[str, str] = {}  # adapter dir -> adapter name in the PeftModel
+
+    def _adapter_name(self, path: str | None) -> str:
+        if path is None:
+            return BASE_ADAPTER
+        if path not in self._adapters:
+            from peft import PeftModel
+
+            name = "a" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self._adapters[path] = name
+        return self._adapters[path]
+
+    def render(self, request: Request) -> str:
+        return apply_chat(self.tokenizer, request.prompt) if request.chat else request.prompt
+
+    @torch.inference_mode()
+    def _generate_batch(self, texts: list[str], adapters: list[str], params: SamplingParams) -> list[Completion]:
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        kwargs: dict = dict(
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=params.temperature > 0,
+        )
+        if params.temperature > 0:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:  # neutralise sampling defaults from generation_config.json so greedy stays greedy
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = params.max_new_tokens
+        if any(a != BASE_ADAPTER for a in adapters):
+            kwargs["adapter_names"] = adapters
+        out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1]:]
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for row in new.tolist():
+            ended = False
+            if not params.ignore_eos and eos in row:
+                row, ended = row[: row.index(eos)], True
+            while row and row[-1] == self.tokenizer.pad_token_id and not params.ignore_eos:
+                row.pop()
+            text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), params.stop)
+            reason = "stop" if ended or stopped or len(row) < params.max_new_tokens else "length"
+            results.append(Completion(text=text, num_tokens=len(row), finish_reason=reason))
+        return results
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
+        """n completions per request, in request order. Prompts are length-sorted to limit padding."""
+        rows: list[tuple[int, str, str]] = []
+        for i, req in enumerate(requests):
+            text, adapter = self.render(req), self._adapter_name(req.adapter)
+            rows.extend((i, text, adapter) for _ in range(params.n))
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k][1]))
+        done: dict[int, Completion] = {}
+        if params.temperature > 0:
+            torch.manual_seed(params.seed)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outs = self._generate_batch([rows[k][1] for k in chunk], [rows[k][2] for k in chunk], params)
+            done.update(zip(chunk, outs))
+        grouped: list[list[Completion]] = [[] for _ in requests]
+        for k in range(len(rows)):
+            grouped[rows[k][0]].append(done[k])
+        return grouped

@@ -1,0 +1,116 @@
+"""Resolve a model reference (packaged name, local dir, s3:// URI, hub id) to a local HF directory and load it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from rr_ray.models.packaged import PACKAGED, ModelNotFoundError, ensure_packaged
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The rr-ray cache: explicit dir, else $RR_RAY_CACHE, else ~/.cache/rr-ray."""
+    root = cache_dir or os.environ.get("RR_RAY_CACHE") or Path.home() / ".cache" / "rr-ray"
+    return Path(root).expanduser()
+
+
+def _from_s3(uri: str, root: Path, endpoint_url: str | None) -> Path:
+    from rr_ray.storage import RunDir
+
+    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            store = RunDir.open(uri, endpoint_url=endpoint_url)
+            if not store.exists("config.json"):
+                raise ModelNotFoundError(f"{uri}: no config.json under this prefix (not an HF model directory)")
+            store.download_dir("", target)
+    return target
+
+
+def _from_hub(hub_id: str, root: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, cache_dir=str(root / "hub")))
+    except Exception as exc:  # offline, unknown repo, auth: all reach the user as one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"hub id {hub_id!r} could not be fetched ({type(exc).__name__}: {first}); "
+            "this machine may be offline: pass a local directory or an s3:// URI instead"
+        ) from None
+
+
+def resolve_model(
+    name_or_path: str, cache_dir: str | None = None, s3_endpoint_url: str | None = None
+) -> Path:
+    """Return a local HF-format directory for any supported model reference."""
+    root = cache_root(cache_dir)
+    if name_or_path in PACKAGED:
+        return ensure_packaged(name_or_path, root)
+    if name_or_path.startswith("s3://"):
+        return _from_s3(name_or_path, root, s3_endpoint_url)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{local}: no config.json (not an HF model directory)")
+        return local
+    return _from_hub(name_or_path, root)
+
+
+def load_tokenizer(model_dir: str | Path, padding_side: str = "left") -> Any:
+    """Tokenizer with a pad token and left padding (what batched decoding needs)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32") -> Any:
+    """Causal LM in eval mode with the requested dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+    model.eval()
+    return model
+
+
+def apply_chat(tokenizer: Any, prompt: str | list[dict[str, str]], system: str | None = None) -> str:
+    """Render a user prompt (or a full message list) with the tokenizer's own chat template."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if getattr(tokenizer, "chat_template", None) is None:
+        return "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def describe_model(model_dir: str | Path) -> dict[str, Any]:
+    """Architecture and parameter count read from config.json and safetensors headers (no weights loaded)."""
+    import json
+
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    params = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as fh:
+            for key in fh.keys():
+                shape = fh.get_slice(key).get_shape()
+                n = 1
+                for dim in shape:
+                    n *= dim
+                params += n
+    return {"architecture": (config.get("architectures") or ["?"])[0], "parameters": params,
+            "layers": config.get("num_hidden_layers"), "hidden": config.get("hidden_size")}

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rr_ray.config import ConfigError, RRConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = load_config(None)
+    assert cfg == RRConfig()
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.release.rules.forget_ratio == 0.1 and cfg.release.rules.retain_ratio == 0.95
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    # The saved resolved config loads back to the same object.
+    assert RRConfig.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_dotted_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    cfg = load_config(None, ["release.lora.r=16", "generation.stop=['```', END]", "run.dir=s3://b/p"])
+    assert cfg.release.lora.r == 16
+    assert cfg.generation.stop == ["```", "END"]
+    assert cfg.run.dir == "s3://b/p"
+
+
+def test_override_wins_over_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("release:\n  lora:\n    r: 4\n")
+    assert load_config(f, ["release.lora.r=32"]).release.lora.r == 32
+    assert load_config(f).release.lora.r == 4
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("run:\n  dri: x\n", [], "run.dri: unknown key"),
+        ("", ["foo=1"], "foo: unknown key"),
+        ("generation:\n  batch_size: many\n", [], "generation.batch_size: Input should be a valid integer"),
+        ("task:\n  name: poetry\n", [], "task.name: Input should be"),
+        ("model:\n  name_or_path: no-such-model\n", [], "model.name_or_path: unknown model 'no-such-model'"),
+        ("run: [1, 2\n", [], "malformed YAML at line 2"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        ("", ["release.lora.r"], "expected KEY=VALUE"),
+        ("release:\n  lora:\n    r: 4\n", ["release.lora.r.x=1"], "'r' is not a section"),
+        ("", ["release.lora.r.x=1"], "release.lora.r: Input should be a valid integer"),
+    ],
+)
+def test_bad_input_is_one_line_naming_key_and_file(tmp_path: Path, text: str, overrides: list[str],
+                                                   expected: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, overrides)
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+    if "KEY=VALUE" not in msg and "section" not in msg:
+        assert str(f) in msg
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
