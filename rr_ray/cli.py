@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from rr_ray.config import ConfigError, RRConfig, load_config
 from rr_ray.models.packaged import ModelNotFoundError
+from rr_ray.storage import StorageError
 
 EXIT_USAGE = 2
 
@@ -19,14 +20,10 @@ def _config_args(parser: argparse.ArgumentParser, dest: str) -> None:
 
 
 def _cmd_run(cfg: RRConfig, args: argparse.Namespace) -> int:
-    from rr_ray.models.loader import describe_model
     from rr_ray.pipeline import console, run_pipeline
 
     summary = run_pipeline(cfg)
-    m = describe_model(summary["model_dir"])
     g = summary["generate"]
-    console.print(f"loaded {summary['model']}: {m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters, "
-                  f"{m['layers']} layers, hidden {m['hidden']}")
     console.print(f"generated {g['rows']} completions for {g['prompts']} prompts: {g['new_tokens']} new tokens "
                   f"in {g['wall_s']:.1f} s = {g['tokens_per_s']:.1f} tokens/s "
                   f"({g['actors']} {g['backend']} actor(s), ray: {g['ray']})")
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rr-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, NotImplementedError, ModelNotFoundError) as exc:
+    except (FileNotFoundError, NotImplementedError, ModelNotFoundError, StorageError) as exc:
         print(f"rr-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -18,7 +18,7 @@ from rr_ray import cluster
 from rr_ray.config import ConfigError, RRConfig
 from rr_ray.generation.base import Request, SamplingParams
 from rr_ray.generation.pool import GeneratorPool
-from rr_ray.models.loader import resolve_model
+from rr_ray.models.loader import describe_model, resolve_model
 from rr_ray.storage import RunDir
 from rr_ray.tasks import reveal_contexts
 
@@ -89,7 +89,9 @@ def run_pipeline(cfg: RRConfig) -> dict[str, Any]:
     """Every stage that exists, in order, into ``cfg.run.dir``."""
     t0 = time.perf_counter()
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
-    console.print(f"model: [bold]{cfg.model.name_or_path}[/bold] -> {model_dir}")
+    m = describe_model(model_dir)
+    console.print(f"loaded {cfg.model.name_or_path}: {m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters, "
+                  f"{m['layers']} layers, hidden {m['hidden']} ({model_dir})")
     run = open_run(cfg)
     summary = {"model": cfg.model.name_or_path, "model_dir": model_dir, "run_dir": run.uri}
     summary["generate"] = stage_generate(cfg, run, model_dir)

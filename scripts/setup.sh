@@ -11,7 +11,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/rr-ray"
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# pip warns about every missing entry of the local index mirrors; keep those lines out of the log.
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 echo "[setup] installing torch==2.13.0 (CPU wheel) into $VENV" >&2
 pip install "torch==2.13.0"
 echo "[setup] installing rr-ray with the dev extra" >&2

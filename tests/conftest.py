@@ -13,7 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.conftest_s3 import s3_server  # noqa: E402,F401  (fixture re-exported for every test module)
+from tests.conftest_s3 import s3_server, s3_uri  # noqa: E402,F401  (fixtures shared by every test module)
 
 
 def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:

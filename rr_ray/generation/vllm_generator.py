@@ -18,7 +18,7 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as exc:
             raise RuntimeError("generation.backend=vllm needs the gpu extra: pip install 'rr-ray[gpu]'") from exc
-        self.llm = LLM(model=str(model_dir), dtype=dtype, enable_lora=True, max_lora_rank=max_lora_rank,
+        self.llm = LLM(model=str(model_dir), dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True, max_lora_rank=max_lora_rank,
                        max_loras=4, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -1,0 +1,1 @@
+"""Evaluation: a sandbox for model-written code and the paper's metrics."""
