@@ -4,7 +4,7 @@ Same model (the packaged default), same prompts, same token budget (EOS ignored 
 exactly ``--max-new-tokens`` long). Prints tokens/s of each way, the ratio, and each against the matmul
 roofline measured on this machine at the start of the run.
 
-    .venv/bin/python benchmarks/generation_pool.py [--task toxicity|code] [--prompts 64] [--max-new-tokens 48] [--batch-size 64]
+    .venv/bin/python benchmarks/generation_pool.py [--task toxicity|code] [--prompts 64] [--max-new-tokens 64] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--task", default="toxicity", choices=["toxicity", "code"],
                     help="whose contexts to use: toxicity prompts are short (decode-bound, like reveal's "
                          "instruction-following), code prompts are long HumanEval problems (prefill-bound)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
