@@ -12,7 +12,6 @@ for the whole session, so boto3 clients need only ``endpoint_url``.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.procs import free_port, stop
+
 S3_BUCKET = "rr-ray-test"
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -33,12 +34,6 @@ _AWS_ENV = {
 }
 # Anything that could point boto3 at a real account or another endpoint.
 _AWS_UNSET = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log_path: str, timeout: float = 60.0) -> None:
@@ -63,7 +58,7 @@ def s3_server() -> Iterator[str]:
     """Start moto's S3 server on 127.0.0.1, create ``S3_BUCKET`` and yield the endpoint URL."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
@@ -83,12 +78,7 @@ def s3_server() -> Iterator[str]:
             boto3.client("s3", endpoint_url=url).create_bucket(Bucket=S3_BUCKET)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout=10)
             log.close()
             os.unlink(log.name)
 

@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import free_port, stop
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def ray_head(tmp_path: Path):
     """A real head node on 127.0.0.1 run with --block, so terminating it stops exactly its own processes."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     ray_bin = Path(sys.executable).with_name("ray")
@@ -47,11 +43,7 @@ def ray_head(tmp_path: Path):
     try:
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop(proc, timeout=60, group=True)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

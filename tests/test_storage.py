@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rr_ray.storage import RunDir, StorageError
-from tests.conftest_s3 import S3_BUCKET, s3_uri  # noqa: F401  (s3_server comes from tests/conftest.py)
+from tests.conftest_s3 import S3_BUCKET  # fixtures s3_server and s3_uri come from tests/conftest.py
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -267,10 +267,10 @@ def test_s3_missing_bucket(s3_server: str) -> None:
 
 
 def test_s3_unreachable_endpoint_is_one_line(s3_server: str) -> None:
-    from tests.conftest_s3 import _free_port
+    from tests.procs import free_port
 
     with pytest.raises(StorageError) as info:
-        RunDir.open(f"s3://{S3_BUCKET}/x", endpoint_url=f"http://127.0.0.1:{_free_port()}")
+        RunDir.open(f"s3://{S3_BUCKET}/x", endpoint_url=f"http://127.0.0.1:{free_port()}")
     assert f"s3://{S3_BUCKET}/x" in str(info.value) and "\n" not in str(info.value)
 
 

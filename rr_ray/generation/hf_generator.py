@@ -59,7 +59,7 @@ class HFGenerator:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         if params.ignore_eos:
             kwargs["min_new_tokens"] = params.max_new_tokens
-        if any(a != BASE_ADAPTER for a in adapters):
+        if self._adapters:  # once a PeftModel, "no adapter" must be explicit or the active one applies
             kwargs["adapter_names"] = adapters
         out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -75,6 +75,43 @@ class HFGenerator:
             reason = "stop" if ended or stopped or len(row) < params.max_new_tokens else "length"
             results.append(Completion(text=text, num_tokens=len(row), finish_reason=reason))
         return results
+
+    @torch.inference_mode()
+    def loglik(self, requests: list[Request], continuations: list[str]) -> list[tuple[float, int]]:
+        """Teacher-forced (summed NLL, token count) of each continuation after its rendered prompt.
+
+        Prompt and continuation are tokenized separately and concatenated, so the scored tokens are exactly
+        the continuation's. An empty prompt scores the continuation from its second token on. Rows are
+        right-padded; a row's adapter is applied through peft's mixed-batch ``adapter_names``.
+        """
+        if len(requests) != len(continuations):
+            raise ValueError(f"{len(requests)} requests but {len(continuations)} continuations")
+        rows = []
+        for req, cont in zip(requests, continuations):
+            ctx = self.tokenizer(self.render(req), add_special_tokens=False)["input_ids"]
+            tgt = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
+            rows.append((ctx + tgt, max(len(ctx), 1), self._adapter_name(req.adapter)))
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]))
+        out: dict[int, tuple[float, int]] = {}
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(rows[k][0]) for k in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, k in enumerate(chunk):
+                ids[b, : len(rows[k][0])] = torch.tensor(rows[k][0])
+                mask[b, : len(rows[k][0])] = 1
+            kwargs = {}
+            if self._adapters:
+                kwargs["adapter_names"] = [rows[k][2] for k in chunk]
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            for b, k in enumerate(chunk):
+                seq, first = rows[k][0], rows[k][1]
+                nll = -logp[b, first - 1 : len(seq) - 1].sum().item()
+                out[k] = (nll, max(len(seq) - first, 0))
+        return [out[k] for k in range(len(rows))]
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
         """n completions per request, in request order. Prompts are length-sorted to limit padding."""
