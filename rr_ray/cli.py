@@ -37,10 +37,32 @@ def _cmd_config(cfg: RRConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.evaluation.evaluate import evaluate, metrics_table, write_result
+    from rr_ray.pipeline import console
+
+    result = evaluate(cfg, adapter=args.adapter, limit=args.limit)
+    console.print(metrics_table(result))
+    console.print(f"written to [bold]{write_result(cfg, result)}[/bold] "
+                  f"(forget {result['wall_s']['forget']} s, utility {result['wall_s']['utility']} s)")
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=["code", "toxicity", "ner", "custom"], help="= --set task.name=T")
+    p.add_argument("--model", help="= --set model.name_or_path=M")
+    p.add_argument("--adapter", help="PEFT LoRA dir (a composed edit log) applied to the model; none = base")
+    p.add_argument("--limit", type=int, help="at most N evaluation items per score (default: all)")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[RRConfig, argparse.Namespace], int]]] = {
     "run": ("run every pipeline stage that exists into the run directory (resumable)", _cmd_run),
     "config": ("print the resolved config (YAML + overrides + defaults) and exit", _cmd_config),
+    "evaluate": ("score a model (+ adapter) on a task's forget and utility metrics -> eval/<task>.json",
+                 _cmd_evaluate),
 }
+EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": _evaluate_args}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,12 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", default=None,
                        help="YAML config (default: built-in defaults = configs/default.yaml)")
         _config_args(p, "set_local")
+        if name in EXTRA_ARGS:
+            EXTRA_ARGS[name](p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides: list[str] = [*args.set_global, *getattr(args, "set_local", [])]
+    if getattr(args, "task", None):
+        overrides.append(f"task.name={args.task}")
+    if getattr(args, "model", None):
+        overrides.append(f"model.name_or_path={args.model}")
     try:
         cfg = load_config(args.config, overrides)
         return COMMANDS[args.command][1](cfg, args)

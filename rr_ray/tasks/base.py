@@ -1,0 +1,91 @@
+"""The Task protocol: everything the pipeline needs to know about an unlearning target, and nothing more.
+
+A task supplies (DESIGN.md "Tasks are plugins"): reveal contexts C (prompts only, disjoint from the
+evaluation sets), a relevance oracle in [0, 1], a forget score s and a utility score u of a model (base +
+one composed adapter), retain data for the retain PEMs and, where it exists, external forget data for the
+PEM-external baseline. ``forget_score`` returns a dict whose ``"s"`` is the scalar the threshold rules use;
+``utility_score`` one whose ``"u"`` is. Every other key is a table column (paper Tables 2-4).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from rr_ray.config import TaskConfig
+
+if TYPE_CHECKING:
+    from rr_ray.evaluation.scoring import Scorer
+
+T = TypeVar("T")
+SPLIT_SEED = 1234  # fixed: the context/eval split must not move with run.seed, or C could leak into eval
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def contexts(self, n: int, seed: int = 0) -> list[str]: ...
+
+    def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
+                     ) -> dict[str, Any]: ...
+
+    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
+                      ) -> dict[str, Any]: ...
+
+    def retain_data(self, n: int) -> list[dict[str, str]]: ...
+
+    def external_forget_data(self, n: int) -> list[dict[str, str]] | None: ...
+
+
+def split(items: Sequence[T], n_eval: int, seed: int = SPLIT_SEED) -> tuple[list[T], list[T]]:
+    """Deterministic (pool, eval) split: shuffle once with a fixed seed, the first ``n_eval`` are eval."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    return ([items[i] for i in order if i not in eval_idx], [items[i] for i in order[:n_eval]])
+
+
+def unique(items: Sequence[T], key: Callable[[T], Any]) -> list[T]:
+    """First occurrence of each key: the data sets repeat some items, which would leak across a split."""
+    seen: set[Any] = set()
+    out = []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            out.append(item)
+    return out
+
+
+def sample(pool: Sequence[T], n: int, seed: int) -> list[T]:
+    """``n`` items of ``pool`` drawn reproducibly (all of them when n >= len)."""
+    return random.Random(seed).sample(list(pool), min(n, len(pool)))
+
+
+def limited(items: Sequence[T], limit: int | None) -> list[T]:
+    return list(items if limit is None else items[:limit])
+
+
+def get_task(cfg: TaskConfig) -> Task:
+    """The task plugin named by ``cfg.name``; heavy task modules are imported only when chosen."""
+    if cfg.name == "code":
+        from rr_ray.tasks.code import CodeTask
+
+        return CodeTask(cfg)
+    if cfg.name == "toxicity":
+        from rr_ray.tasks.toxicity import ToxicityTask
+
+        return ToxicityTask(cfg)
+    if cfg.name == "ner":
+        from rr_ray.tasks.ner import NerTask
+
+        return NerTask(cfg)
+    if cfg.name == "custom":
+        from rr_ray.tasks.custom import CustomTask
+
+        return CustomTask(cfg)
+    raise NotImplementedError(f"task {cfg.name!r} has no plugin")

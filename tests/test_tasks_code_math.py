@@ -1,0 +1,72 @@
+"""Code and math tasks on hand-made cases: disjoint splits, code extraction, sandboxed relevance, answers."""
+
+import pytest
+
+from rr_ray.config import TaskConfig
+from rr_ray.tasks import get_task, reveal_contexts
+from rr_ray.tasks.code import IS_CODE, NOT_CODE, PASS, CodeTask, extract_code, parses
+from rr_ray.tasks.math import MathUtility, answers_match, load_asdiv, parse_number
+
+
+@pytest.fixture(scope="module")
+def code() -> CodeTask:
+    return get_task(TaskConfig(name="code"))
+
+
+def test_code_contexts_disjoint_from_eval_and_deterministic(code: CodeTask) -> None:
+    pool = {p["task_id"] for p in code.pool}
+    held = {p["task_id"] for p in code.eval_problems}
+    assert not pool & held and len(pool) + len(held) == 164
+    ctx = code.contexts(100, seed=3)
+    assert not any(p["prompt"] in c for c in ctx for p in code.eval_problems)
+    assert reveal_contexts(TaskConfig(name="code", num_contexts=5), seed=1) == code.contexts(5, seed=1)
+    assert get_task(TaskConfig(name="code")).eval_problems == code.eval_problems
+
+
+def test_extract_code_from_fences_and_plain_text() -> None:
+    reply = "Here you go:\n```python\ndef f(x):\n    return x + 1\n```\nDone."
+    assert extract_code(reply) == "def f(x):\n    return x + 1"
+    assert extract_code("```\nprint(1)\n```") == "print(1)"
+    assert extract_code("x = 1") == "x = 1"
+    two = "```python\nimport os\n```\n```python\ndef g():\n    pass\n```"
+    assert extract_code(two) == "def g():\n    pass"
+    assert parses("def f():\n    return 1") and not parses("def f(:")
+
+
+def test_relevance_runs_tests_in_the_sandbox(code: CodeTask) -> None:
+    probs = code.eval_problems[:2]
+    prompts = [code.contexts(1)[0][:0] + "Solve this.\n" + p["prompt"] for p in probs]
+    canonical = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in probs]
+    body_only = [p["canonical_solution"] for p in probs]  # HumanEval completion format
+    wrong = [f"```python\ndef {p['entry_point']}(*args):\n    return None\n```" for p in probs]
+    assert code.relevance(prompts, canonical) == [PASS, PASS]
+    assert code.relevance(prompts, body_only) == [PASS, PASS]
+    assert code.relevance(prompts, wrong) == [IS_CODE, IS_CODE]
+    assert code.relevance(prompts, ["I cannot help with that.", "def ("]) == [NOT_CODE, NOT_CODE]
+    hostile = f"```python\ndef {probs[0]['entry_point']}(*a):\n    import os\n    os.system('true')\n```"
+    assert code.relevance(prompts[:1], [hostile]) == [IS_CODE]  # contained, counted as a failure
+
+
+def test_code_external_forget_data_comes_from_the_pool(code: CodeTask) -> None:
+    rows = code.external_forget_data(5)
+    held = [p["prompt"] for p in code.eval_problems]
+    assert len(rows) == 5 and not any(h in r["prompt"] for r in rows for h in held)
+
+
+def test_parse_number_and_match() -> None:
+    assert parse_number("So 3 + 4 = 7. The answer is 1,234 apples.") == 1234.0
+    assert parse_number("It costs -2.5 dollars") == -2.5
+    assert parse_number("no numbers here") is None
+    assert parse_number("9 apples", last=False) == 9.0
+    assert answers_match(7.0, 7) and not answers_match(None, 7) and not answers_match(7.1, 7)
+
+
+def test_asdiv_numeric_rows_and_disjoint_math_split() -> None:
+    rows = load_asdiv()
+    assert 1500 < len(rows) < 2305 and all(isinstance(r["target"], float) for r in rows)
+    first = next(r for r in rows if r["answer"] == "9 apples")
+    assert first["target"] == 9.0
+    util = MathUtility(rows)
+    held = {r["question"] for r in util.eval_rows}
+    retain = util.retain_data(10_000)
+    assert len(held) >= 400 and not any(r["prompt"].split("\n")[0] in held for r in retain)
