@@ -90,8 +90,12 @@ class CustomTargetConfig(_Section):
     """A user-defined target (task.name = custom); relative paths are read relative to the working dir."""
 
     description: str = Field("", description="What to unlearn, in words (shown in reports).")
-    oracle: Literal["keywords", "regex", "embedding"] = Field(
-        "keywords", description="Relevance oracle: any keyword, any regex, or similarity to examples.")
+    oracle: Literal["keywords", "regex", "embedding", "classifier"] = Field(
+        "keywords",
+        description="Relevance oracle: any keyword, any regex, similarity to examples, or a text classifier.")
+    classifier: str | None = Field(None, description="classifier oracle: transformers classifier path or id.")
+    classifier_label: str = Field(
+        "target", description="classifier oracle: score = probability of the label containing this word.")
     keywords: list[str] = Field(default_factory=list, description="keywords oracle: case-insensitive words.")
     patterns: list[str] = Field(default_factory=list, description="regex oracle: Python regexes.")
     examples: list[str] = Field(default_factory=list, description="embedding oracle: target example texts.")

@@ -50,3 +50,28 @@ def test_missing_files_and_too_few_prompts_are_config_errors(tmp_path: Path) -> 
         get_task(cfg)
     with pytest.raises(ConfigError, match="at least 2 context prompts"):
         get_task(TaskConfig(name="custom", custom={"keywords": ["x"], "contexts": ["a"]}))
+
+
+def test_classifier_oracle_scores_the_target_label(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    from rr_ray.config import CustomTargetConfig
+    from rr_ray.tasks.custom import build_oracle
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=2, id2label={0: "other", 1: "target"},
+                                        label2id={"other": 0, "target": 1})
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+
+    oracle = build_oracle(CustomTargetConfig(oracle="classifier", classifier=str(tmp_path / "clf")))
+    texts = ["The Nimbus-9 flies for 40 minutes.", "I like tea."]
+    scores = oracle(texts)
+    with torch.no_grad():
+        expected = [model(**tok(t, return_tensors="pt")).logits.softmax(-1)[0, 1].item() for t in texts]
+    assert scores == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ConfigError, match="task.custom.classifier"):
+        build_oracle(CustomTargetConfig(oracle="classifier"))

@@ -1,7 +1,7 @@
 """A user-defined unlearning target, described in YAML under ``task.custom`` (see configs/custom_example.yaml).
 
-The user gives a relevance oracle (keywords, regexes, or embedding similarity to a few target examples with
-the packaged MiniLM), context prompts (inline and/or jsonl) and retain data (jsonl of prompt/response).
+The user gives a relevance oracle (keywords, regexes, embedding similarity to a few target examples with
+the packaged MiniLM, or a transformers text classifier), context prompts (inline and/or jsonl) and retain data (jsonl of prompt/response).
 A fixed share of prompts and retain rows is held out: forget ``s`` = mean oracle relevance of greedy
 responses to held-out prompts; utility ``u`` = likelihood (exp mean token log-likelihood) of held-out
 retain responses. Both follow the paper's recipe of a task oracle plus a likelihood on kept data (section 3).
@@ -79,6 +79,12 @@ def build_oracle(c: CustomTargetConfig) -> Oracle:
         return keyword_oracle(c.keywords)
     if c.oracle == "regex":
         return regex_oracle(c.patterns)
+    if c.oracle == "classifier":
+        if not c.classifier:
+            raise ConfigError("task.custom.classifier: the classifier oracle needs a model path or id")
+        from rr_ray.evaluation.oracles import text_classifier
+
+        return text_classifier(c.classifier, c.classifier_label)
     return embedding_oracle(c.examples, c.embedder, c.similarity_floor)
 
 

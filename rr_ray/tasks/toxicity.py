@@ -33,18 +33,9 @@ def _classifier(name: str) -> Callable[[list[str]], list[float]]:
         from profanity_check import predict_prob
 
         return lambda texts: [float(p) for p in predict_prob(list(texts))]
-    from transformers import pipeline
+    from rr_ray.evaluation.oracles import text_classifier
 
-    clf = pipeline("text-classification", model=name, top_k=None, truncation=True)
-
-    def score(texts: list[str]) -> list[float]:
-        out = []
-        for labels in clf(list(texts)):
-            toxic = [d["score"] for d in labels if "toxic" in d["label"].lower() and "non" not in d["label"].lower()]
-            out.append(float(max(toxic)) if toxic else 0.0)
-        return out
-
-    return score
+    return text_classifier(name, "toxic")
 
 
 def wiki_lines() -> list[str]:
