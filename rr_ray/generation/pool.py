@@ -8,6 +8,7 @@ its own rows, so nothing is lost or duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from pathlib import Path
@@ -72,7 +73,7 @@ class GeneratorPool:
                 actor = idle.popleft()
                 batch_id, batch = batches.popleft()
                 # Each batch gets its own seed so a retried batch samples exactly what the first try would.
-                batch_params = SamplingParams(**{**params.__dict__, "seed": params.seed * 1_000_003 + batch_id})
+                batch_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + batch_id)
                 inflight[actor.generate.remote(batch_id, batch, batch_params)] = actor
             ready, _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(ready[0])
