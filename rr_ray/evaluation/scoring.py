@@ -7,19 +7,10 @@ LoRA directory, so a score needs only the base model (held once here) and that a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rr_ray.generation.base import Request, SamplingParams
-
-
-@dataclass(frozen=True)
-class ModelUnderTest:
-    """The model a score is about: a base HF directory plus one composed LoRA adapter dir (or None)."""
-
-    model_dir: str
-    adapter: str | None = None
 
 
 class Scorer:
