@@ -163,6 +163,8 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Per-worker batch size.")
     max_length: int = Field(256, ge=8, description="Max tokens per training example.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    cpus_per_worker: int = Field(1, ge=1, description="Ray CPUs per worker (also its torch threads).")
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
 
 
 class RulesConfig(_Section):

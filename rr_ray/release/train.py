@@ -1,0 +1,249 @@
+"""PEM training (paper section 3.2): one LoRA trained with the causal-LM loss on response tokens, on top of
+the current composed model held frozen, as a Ray Train ``TorchTrainer`` run.
+
+Strategies (config ``release.train.strategy``): ``ddp`` (torch DDP over CPU or GPU workers, the CPU default)
+and ``deepspeed`` (ZeRO from our config; GPU clusters, the ``gpu`` extra). Each epoch ends with a checkpoint
+reported through Ray Train; a worker that dies makes Ray Train restart the group (``FailureConfig``) and the
+loop resumes from the last checkpoint. A driver killed and rerun with the same run directory resumes too:
+Ray Train V2 reloads the run's checkpoint snapshot from ``storage_path`` when the run name matches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rr_ray.config import LoraConfig, TrainConfig
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    losses: list[float]
+    attempts: int  # > 1 when the loop resumed from a checkpoint (worker failure or driver rerun)
+    seconds: float
+
+
+def tokenize_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[dict[str, list[int]]]:
+    """Chat-rendered prompt + response + EOS; labels mask the prompt so only response tokens are learned."""
+    from rr_ray.models.loader import apply_chat
+
+    out = []
+    for row in rows:
+        ctx = tokenizer(apply_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+        tgt = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (ctx + tgt)[:max_length]
+        labels = ([-100] * len(ctx) + tgt)[:max_length]
+        if any(label != -100 for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def build_trainable(model_dir: str, base_adapter: str | None, lora: LoraConfig, dtype: str) -> Any:
+    """Base + current edit log (frozen) with a fresh trainable LoRA.
+
+    The composed adapter is folded into this process's in-memory copy of the weights: the frozen model the
+    new PEM sees is exactly base + edit log, and nothing merged is ever written (DESIGN.md: merging is for
+    export only). The returned PeftModel has only the new LoRA trainable.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from rr_ray.models.loader import load_model
+
+    model = load_model(model_dir, dtype)
+    if base_adapter:
+        model = PeftModel.from_pretrained(model, base_adapter).merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                              lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_cfg)
+
+
+def _deepspeed_config(train: TrainConfig, world: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "train_batch_size": train.batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": 0.0}},
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: shard the rows by rank, train the LoRA, report loss + a checkpoint every epoch."""
+    import ray.train
+    import torch
+
+    from rr_ray.models.loader import load_tokenizer
+
+    train = TrainConfig.model_validate(config["train"])
+    lora = LoraConfig.model_validate(config["lora"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not train.use_gpu:
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.manual_seed(config["seed"])
+
+    tokenizer = load_tokenizer(config["model_dir"], padding_side="right")
+    rows = tokenize_rows(tokenizer, config["rows"], train.max_length)
+    model = build_trainable(config["model_dir"], config.get("base_adapter"), lora, config["dtype"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    start_epoch, losses, resumes = 0, [], 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # restarted after a failure, or a rerun of a killed driver
+        with checkpoint.as_directory() as ckpt:
+            state = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
+        model.load_state_dict(state["lora"], strict=False)
+        start_epoch, losses, resumes = state["epoch"], list(state["losses"]), state["resumes"] + 1
+
+    if train.strategy == "deepspeed":
+        import deepspeed
+
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
+                                               config=_deepspeed_config(train, world))
+        device = engine.device
+        step_fn = engine
+    else:
+        model = ray.train.torch.prepare_model(model)
+        device = next(model.parameters()).device
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0)
+        if checkpoint:
+            optimizer.load_state_dict(state["optimizer"])
+        step_fn = None
+
+    for epoch in range(start_epoch, train.epochs):
+        order = list(range(len(rows)))
+        random.Random(config["seed"] * 1009 + epoch).shuffle(order)
+        shard = order[rank::world]
+        # Every rank runs the same number of steps: DDP's all-reduce needs all of them at each step.
+        steps = math.ceil(len(rows) / (world * train.batch_size))
+        model.train()
+        total, count = 0.0, 0
+        for step in range(steps):
+            idx = shard[step * train.batch_size:(step + 1) * train.batch_size] or shard[: train.batch_size]
+            batch = {k: v.to(device) for k, v in _collate([rows[i] for i in idx], tokenizer.pad_token_id).items()}
+            if step_fn is not None:
+                loss = step_fn(**batch).loss
+                step_fn.backward(loss)
+                step_fn.step()
+            else:
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total, count = total + float(loss.detach()), count + 1
+        losses.append(total / max(count, 1))
+        metrics = {"epoch": epoch + 1, "loss": losses[-1], "rows": len(rows), "world_size": world}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                lora_state = {k: v.detach().cpu() for k, v in inner.state_dict().items() if "lora_" in k}
+                state = {"lora": lora_state, "epoch": epoch + 1, "losses": losses, "resumes": resumes}
+                if step_fn is None:
+                    state["optimizer"] = optimizer.state_dict()
+                torch.save(state, Path(tmp) / STATE_FILE)
+                inner.save_pretrained(Path(tmp) / "adapter")
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _storage(storage_uri: str, endpoint_url: str | None) -> tuple[str, Any]:
+    """Ray Train's storage_path (+ filesystem): a local directory or an S3 prefix, shared by all workers."""
+    if storage_uri.startswith("s3://"):
+        import pyarrow.fs
+
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint_url) if endpoint_url else pyarrow.fs.S3FileSystem()
+        return storage_uri.removeprefix("s3://"), fs
+    Path(storage_uri).mkdir(parents=True, exist_ok=True)
+    return str(Path(storage_uri).resolve()), None
+
+
+def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path, name: str,
+              storage_uri: str, lora: LoraConfig, train: TrainConfig, base_adapter: str | None = None,
+              dtype: str = "float32", seed: int = 0, endpoint_url: str | None = None) -> TrainResult:
+    """Train one PEM with Ray Train and copy its adapter to ``out_dir``; Ray must be initialised."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not rows:
+        raise ValueError(f"{name}: no training rows")
+    if train.strategy == "deepspeed":
+        if not train.use_gpu:
+            raise ValueError("release.train.strategy=deepspeed needs release.train.use_gpu=true")
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ImportError("release.train.strategy=deepspeed needs the gpu extra: pip install 'rr-ray[gpu]'")
+    storage_path, fs = _storage(storage_uri, endpoint_url)
+    config = {"train": train.model_dump(), "lora": lora.model_dump(), "rows": rows, "model_dir": str(model_dir),
+              "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker}
+    resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"{name}: training failed: {str(result.error).splitlines()[0]}")
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint")
+    out = Path(out_dir)
+    with result.checkpoint.as_directory() as ckpt:
+        import torch
+
+        state = torch.load(Path(ckpt) / STATE_FILE, weights_only=True)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(ckpt) / "adapter", tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    attempts = int(state["resumes"]) + 1
+    (out / "train_info.json").write_text(json.dumps(
+        {"name": name, "rows": len(rows), "epochs": train.epochs, "losses": state["losses"],
+         "workers": train.num_workers, "strategy": train.strategy, "attempts": attempts}, indent=1))
+    return TrainResult(adapter_dir=out, steps=int(state["epoch"]), final_loss=float(state["losses"][-1]),
+                       losses=[float(x) for x in state["losses"]], attempts=attempts,
+                       seconds=time.perf_counter() - t0)
+
