@@ -143,6 +143,12 @@ class RevealConfig(_Section):
     mode: Literal["search", "direct"] = Field(
         "search", description="direct = the task prompt, no search (NER, paper section 4.4)."
     )
+    contexts_per_candidate: int = Field(
+        4, ge=1, description="|C_s|: contexts answered to score one candidate (the first of C; all of C "
+        "is answered only for each outer loop's best instruction P*).")
+    max_instruction_tokens: int = Field(32, ge=1, description="Greedy budget of a decoded instruction.")
+    response_max_tokens: int = Field(128, ge=1, description="Token budget of one response f(C, P).")
+    decode_batch_size: int = Field(16, ge=1, description="Candidates per batched instruction decoding.")
 
 
 class LoraConfig(_Section):
@@ -187,6 +193,19 @@ class ReleaseConfig(_Section):
     retain_weights: list[float] = Field(
         default_factory=lambda: [0.1, 0.3, 0.5, 1.0], description="Candidates for lambda_i."
     )
+    forget_path: str | None = Field(
+        None, description="jsonl of {prompt, response} to forget; None = the run's reveal/forget.jsonl.")
+    retain_rows: int = Field(64, ge=1, description="Rows of the task's retain data per retain PEM.")
+    eval_limit: int = Field(16, ge=1, description="Items per evaluation subset when scoring s and u.")
+    cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per weight-sweep trial.")
+    gpus_per_trial: float = Field(0.0, ge=0, description="Ray GPUs per weight-sweep trial.")
+
+    @field_validator("forget_weights", "retain_weights")
+    @classmethod
+    def _positive_weights(cls, value: list[float]) -> list[float]:
+        if not value or any(w <= 0 for w in value):
+            raise ValueError("must be a non-empty list of positive weights (the sign comes from the step)")
+        return value
 
 
 class RRConfig(_Section):
@@ -243,25 +262,28 @@ def _first_error(err: ValidationError, source: str) -> ConfigError:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RRConfig:
     """Read a YAML config (None = all defaults), apply dotted overrides, validate; raise ConfigError."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data = loaded
+    if path is None:
+        return config_from_text("", "defaults", overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return config_from_text(p.read_text(), str(path), overrides)
+
+
+def config_from_text(text: str, source: str, overrides: list[str] | None = None) -> RRConfig:
+    """Validate YAML ``text`` (named ``source`` in errors) with dotted overrides applied; raise ConfigError."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    data: dict[str, Any] = loaded
     for item in overrides or []:
         keys, value = parse_override(item)
         _apply_override(data, keys, value, item)

@@ -85,6 +85,18 @@ def stage_generate(cfg: RRConfig, run: RunDir, model_dir: str) -> dict[str, Any]
     return info
 
 
+def stage_release(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
+    """Equation 1 into ``release/`` and ``edit_log.json`` (each finished step is skipped on a rerun)."""
+    from rr_ray.release.loop import run_release
+
+    if run.is_done("release"):
+        info = run.done_info("release") or {}
+        console.print(f"[dim]stage release: already done ({info.get('steps')} steps), skipped[/dim]")
+        return info | {"edit_log": run.read_json("edit_log.json")}
+    cluster.connect(cfg.ray)
+    return run_release(cfg, run, console)
+
+
 def run_pipeline(cfg: RRConfig) -> dict[str, Any]:
     """Every stage that exists, in order, into ``cfg.run.dir``."""
     t0 = time.perf_counter()

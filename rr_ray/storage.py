@@ -298,3 +298,40 @@ class RunDir:
             return json.loads(self._b.get_bytes(self._marker(stage)))
         except FileNotFoundError:
             return None
+
+
+def localize(uri: str, *, endpoint_url: str | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
+    """A local directory holding ``uri``'s files: the path itself when local, else a cached S3 download.
+
+    Used by Ray workers (training, Tune trials, serving replicas), which may run on a node other than the
+    driver's: they receive run-directory URIs and fetch what they read. Artifacts a run refers to by URI
+    are written once and never rewritten, so the cache is keyed by the URI alone.
+    """
+    if not uri.startswith("s3://"):
+        path = Path(uri).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: no such directory")
+        return path
+    root = Path(cache or os.environ.get("RR_RAY_CACHE") or Path.home() / ".cache" / "rr-ray").expanduser()
+    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / ".complete").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    RunDir.open(uri, endpoint_url=endpoint_url).download_dir("", tmp)
+    (tmp / ".complete").write_text(uri)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker finished the same download first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def arrow_storage(uri: str, endpoint_url: str | None = None) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train / Tune: a local directory or an S3 prefix."""
+    if uri.startswith("s3://"):
+        import pyarrow.fs
+
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint_url) if endpoint_url else pyarrow.fs.S3FileSystem()
+        return uri.removeprefix("s3://"), fs
+    Path(uri).mkdir(parents=True, exist_ok=True)
+    return str(Path(uri).resolve()), None

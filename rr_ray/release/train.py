@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rr_ray.config import LoraConfig, TrainConfig
+from rr_ray.storage import arrow_storage, localize
 
 STATE_FILE = "train_state.pt"
 
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from rr_ray.models.loader import load_tokenizer
+    from rr_ray.models.loader import load_tokenizer, resolve_model
 
     train = TrainConfig.model_validate(config["train"])
     lora = LoraConfig.model_validate(config["lora"])
@@ -115,9 +116,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(config.get("threads", 1))))
     torch.manual_seed(config["seed"])
 
-    tokenizer = load_tokenizer(config["model_dir"], padding_side="right")
+    # Workers may sit on other nodes than the driver: they resolve the model and fetch the adapter themselves.
+    model_dir = str(resolve_model(config["model_dir"], config.get("cache_dir"), config.get("endpoint_url")))
+    base_adapter = config.get("base_adapter")
+    if base_adapter:
+        base_adapter = str(localize(base_adapter, endpoint_url=config.get("endpoint_url")))
+    tokenizer = load_tokenizer(model_dir, padding_side="right")
     rows = tokenize_rows(tokenizer, config["rows"], train.max_length)
-    model = build_trainable(config["model_dir"], config.get("base_adapter"), lora, config["dtype"])
+    model = build_trainable(model_dir, base_adapter, lora, config["dtype"])
     params = [p for p in model.parameters() if p.requires_grad]
 
     start_epoch, losses, resumes = 0, [], 0
@@ -181,21 +187,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def _storage(storage_uri: str, endpoint_url: str | None) -> tuple[str, Any]:
-    """Ray Train's storage_path (+ filesystem): a local directory or an S3 prefix, shared by all workers."""
-    if storage_uri.startswith("s3://"):
-        import pyarrow.fs
-
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint_url) if endpoint_url else pyarrow.fs.S3FileSystem()
-        return storage_uri.removeprefix("s3://"), fs
-    Path(storage_uri).mkdir(parents=True, exist_ok=True)
-    return str(Path(storage_uri).resolve()), None
-
-
 def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path, name: str,
               storage_uri: str, lora: LoraConfig, train: TrainConfig, base_adapter: str | None = None,
-              dtype: str = "float32", seed: int = 0, endpoint_url: str | None = None) -> TrainResult:
-    """Train one PEM with Ray Train and copy its adapter to ``out_dir``; Ray must be initialised."""
+              dtype: str = "float32", seed: int = 0, endpoint_url: str | None = None,
+              cache_dir: str | None = None) -> TrainResult:
+    """Train one PEM with Ray Train and copy its adapter to ``out_dir``; Ray must be initialised.
+
+    ``model_dir`` is any model reference ``resolve_model`` takes and ``base_adapter`` (the composed edit log)
+    a local path or s3:// URI, so that workers on any node can load them.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -208,9 +208,10 @@ def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path
             import deepspeed  # noqa: F401
         except ImportError:
             raise ImportError("release.train.strategy=deepspeed needs the gpu extra: pip install 'rr-ray[gpu]'")
-    storage_path, fs = _storage(storage_uri, endpoint_url)
+    storage_path, fs = arrow_storage(storage_uri, endpoint_url)
     config = {"train": train.model_dump(), "lora": lora.model_dump(), "rows": rows, "model_dir": str(model_dir),
-              "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker}
+              "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker,
+              "endpoint_url": endpoint_url, "cache_dir": cache_dir}
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -4,7 +4,9 @@ A task supplies (DESIGN.md "Tasks are plugins"): reveal contexts C (prompts only
 evaluation sets), a relevance oracle in [0, 1], a forget score s and a utility score u of a model (base +
 one composed adapter), retain data for the retain PEMs and, where it exists, external forget data for the
 PEM-external baseline. ``forget_score`` returns a dict whose ``"s"`` is the scalar the threshold rules use;
-``utility_score`` one whose ``"u"`` is. Every other key is a table column (paper Tables 2-4).
+``utility_score`` one whose ``"u"`` is. Every other key is a table column (paper Tables 2-4). With
+``full=False`` a task may skip every metric that ``s``/``u`` do not need (the weight sweep scores many
+candidates and reads only those two).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ class Task(Protocol):
 
     def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
 
-    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                     ) -> dict[str, Any]: ...
+    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                     full: bool = True) -> dict[str, Any]: ...
 
-    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                      ) -> dict[str, Any]: ...
+    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                      full: bool = True) -> dict[str, Any]: ...
 
     def retain_data(self, n: int) -> list[dict[str, str]]: ...
 

@@ -133,22 +133,25 @@ class CodeTask:
                 scores[i] = PASS
         return scores
 
-    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                     ) -> dict[str, Any]:
+    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                     full: bool = True) -> dict[str, Any]:
         """Greedy pass@1 on held-out problems, and ``s`` = likelihood of their canonical solutions."""
         problems = limited(self.eval_problems, limit)
         prompts = [CODE_TEMPLATE.format(prompt=p["prompt"]) for p in problems]
-        outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
-        results = run_many([build_test_program(p, extract_code(o[0])) for p, o in zip(problems, outs)], TEST_LIMITS)
-        passed = [int(r.ok) for r in results]
         refs = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
         mean_ll = scorer.mean_token_loglik(prompts, refs, adapter)
-        return {"s": likelihood_score(mean_ll), "pass@1": mean_pass_at_k([1] * len(passed), passed, 1),
-                "solution_loglik": mean_ll, "code_problems": len(problems)}
+        out = {"s": likelihood_score(mean_ll), "solution_loglik": mean_ll, "code_problems": len(problems)}
+        if full:
+            outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
+            results = run_many([build_test_program(p, extract_code(o[0])) for p, o in zip(problems, outs)],
+                               TEST_LIMITS)
+            passed = [int(r.ok) for r in results]
+            out["pass@1"] = mean_pass_at_k([1] * len(passed), passed, 1)
+        return out
 
-    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                      ) -> dict[str, Any]:
-        return self.utility.score(scorer, adapter, limit)
+    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                      full: bool = True) -> dict[str, Any]:
+        return self.utility.score(scorer, adapter, limit, full)
 
     def retain_data(self, n: int) -> list[dict[str, str]]:
         return self.utility.retain_data(n)

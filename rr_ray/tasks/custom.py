@@ -126,16 +126,16 @@ class CustomTask:
     def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return self.oracle(list(responses))
 
-    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                     ) -> dict[str, Any]:
+    def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                     full: bool = True) -> dict[str, Any]:
         prompts = limited(self.eval_prompts, limit)
         outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
         rel = self.oracle([o[0] for o in outs])
         return {"s": sum(rel) / len(rel), "relevant_rate": sum(r >= 0.5 for r in rel) / len(rel),
                 "eval_prompts": len(prompts)}
 
-    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None
-                      ) -> dict[str, Any]:
+    def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
+                      full: bool = True) -> dict[str, Any]:
         rows = limited(self.retain_eval, limit)
         if not rows:
             raise ConfigError("task.custom.retain_path: the utility score needs at least 2 retain rows")

@@ -1,0 +1,243 @@
+"""The Release stage: iterative PEM composition, paper equation 1.
+
+    Phi = Phi_0 - mu_0 dPhi_forget^(0) + sum_{i=1..l} (lambda_i dPhi_retain^(i) - mu_i dPhi_forget^(i))
+
+Steps run in that order (mu_0, lambda_1, mu_1, ..., lambda_l, mu_l). Each step trains its PEM on the
+current composed model (Ray Train), sweeps its coefficient (Ray Tune) and applies the one the threshold
+rule picks. After every step the run directory holds the PEM, the composed model so far, the trials, the
+decision and ``edit_log.json``; a rerun skips finished steps and resumes the unfinished one.
+
+Rule references (section 3.2, "compared to the beginning of the current iteration"): mu_i is judged
+against the model just before it; lambda_i is judged against the utility the model had before the forget
+step that preceded it, since the retain PEM exists to win back what that subtraction cost.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rr_ray.config import RRConfig
+from rr_ray.release.pem import Edit, EditLog, compose
+from rr_ray.release.rules import Candidate, choose_forget, choose_retain
+from rr_ray.release.search import sweep
+from rr_ray.release.train import train_pem
+from rr_ray.storage import RunDir, localize
+from rr_ray.tasks.base import get_task
+
+EDIT_LOG = "edit_log.json"
+FINAL_ADAPTER = "release/composed"
+
+
+def plan(iterations: int) -> list[tuple[str, str]]:
+    """(step name, kind) in the order of equation 1."""
+    steps = [("mu_0", "forget")]
+    for i in range(1, iterations + 1):
+        steps += [(f"lambda_{i}", "retain"), (f"mu_{i}", "forget")]
+    return steps
+
+
+def load_forget_rows(cfg: RRConfig, run: RunDir) -> list[dict[str, str]]:
+    """The forget set: ``release.forget_path`` if given, else the run's Reveal output."""
+    if cfg.release.forget_path:
+        path = Path(cfg.release.forget_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"release.forget_path: {path}: no such file")
+        rows = RunDir.open(str(path.parent)).read_jsonl(path.name)
+        source = str(path)
+    elif run.exists("reveal/forget.jsonl"):
+        rows, source = run.read_jsonl("reveal/forget.jsonl"), f"{run.uri}/reveal/forget.jsonl"
+    else:
+        raise FileNotFoundError(f"{run.uri}: no reveal/forget.jsonl; run `rr-ray reveal` first or set "
+                                "release.forget_path")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("prompt") or not r.get("response")]
+    if bad or not rows:
+        raise ValueError(f"{source}: {'no rows' if not rows else f'row {bad[0] + 1} lacks prompt/response'}")
+    return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
+
+
+def _uri(run: RunDir, rel: str) -> str:
+    return f"{run.uri.rstrip('/')}/{rel}"
+
+
+def local_log(log: EditLog, run: RunDir, endpoint_url: str | None) -> EditLog:
+    """The edit log with its run-relative adapter paths replaced by local directories."""
+    edits = tuple(Edit(str(localize(_uri(run, e.adapter), endpoint_url=endpoint_url)), e.coef, e.kind, e.step)
+                  for e in log.edits)
+    return EditLog(log.base, edits)
+
+
+def _compose_to_run(log: EditLog, run: RunDir, rel: str, endpoint_url: str | None) -> str | None:
+    """Compose ``log`` into one LoRA stored at ``rel`` in the run; returns its URI (None for an empty log)."""
+    with tempfile.TemporaryDirectory(prefix="rr-ray-compose-") as tmp:
+        out = compose(local_log(log, run, endpoint_url), Path(tmp) / "composed")
+        if out is None:
+            return None
+        run.upload_dir(out, rel)
+    return _uri(run, rel)
+
+
+def _train(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], current: str | None) -> dict:
+    rel = f"release/{step}/adapter"
+    if run.is_done(f"release-{step}-train"):
+        return run.done_info(f"release-{step}-train") or {}
+    with tempfile.TemporaryDirectory(prefix="rr-ray-pem-") as tmp:
+        res = train_pem(model_dir=cfg.model.name_or_path, rows=rows, out_dir=Path(tmp) / "adapter",
+                        name=f"train-{step}", storage_uri=_uri(run, "ray"), lora=cfg.release.lora,
+                        train=cfg.release.train, base_adapter=current, dtype=cfg.model.dtype, seed=cfg.run.seed,
+                        endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
+        run.upload_dir(res.adapter_dir, rel)
+    info = {"rows": len(rows), "epochs": res.steps, "losses": res.losses, "attempts": res.attempts,
+            "seconds": round(res.seconds, 1)}
+    run.mark_done(f"release-{step}-train", info)
+    return info
+
+
+def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: EditLog,
+             history: list[dict[str, Any]], rows: list[dict[str, str]], console: Console) -> tuple[EditLog, dict]:
+    """Train, sweep and apply one step; returns the new edit log and the step's record."""
+    t0 = time.perf_counter()
+    current = _uri(run, f"release/{history[-1]['step']}/composed") if log.edits else None
+    console.print(f"[bold]release {step}[/]: training the {kind} PEM on {len(rows)} rows "
+                  f"({cfg.release.train.num_workers} Ray Train worker(s), {cfg.release.train.strategy})")
+    train_info = _train(cfg, run, step, rows, current)
+    t1 = time.perf_counter()
+    weights = cfg.release.forget_weights if kind == "forget" else cfg.release.retain_weights
+    coefs = [-w for w in weights] if kind == "forget" else list(weights)
+    if not history:
+        coefs.append(0.0)  # the first sweep also scores the base model, on the same data
+    console.print(f"release {step}: sweeping {len(coefs)} coefficients with Ray Tune")
+    result = sweep(model=cfg.model.name_or_path, current=current, adapter=_uri(run, f"release/{step}/adapter"),
+                   kind=kind, step=step, coefs=coefs, task_cfg=cfg.task, limit=cfg.release.eval_limit,
+                   storage_uri=_uri(run, "ray"), name=f"tune-{step}", dtype=cfg.model.dtype,
+                   cpus_per_trial=cfg.release.cpus_per_trial, gpus_per_trial=cfg.release.gpus_per_trial,
+                   endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
+    trials = result.trials
+    if not history:
+        base = next(t for t in trials if t["coef"] == 0.0)
+        history.append({"index": 0, "step": "base", "kind": "base", "coef": 0.0, "s": base["s"], "u": base["u"]})
+        run.write_json("release/base.json", {"s": base["s"], "u": base["u"]})
+        trials = [t for t in trials if t["coef"] != 0.0]
+    run.write_jsonl(f"release/{step}/trials.jsonl", trials)
+    candidates = [Candidate(t["coef"], t["s"], t["u"]) for t in trials]
+    prev = history[-1]
+    if kind == "forget":
+        ref = {"s": prev["s"], "u": prev["u"]}
+        decision = choose_forget(prev["s"], prev["u"], candidates, cfg.release.rules)
+    else:  # judged against the utility before the preceding forget step (see the module docstring)
+        ref = {"s": prev["s"], "u": history[-2]["u"]}
+        decision = choose_retain(prev["s"], ref["u"], candidates, cfg.release.rules)
+    chosen = decision.candidate
+    log = log.then(Edit(adapter=f"release/{step}/adapter", coef=decision.coef, kind=kind, step=step))
+    _compose_to_run(log, run, f"release/{step}/composed", cfg.run.s3_endpoint_url)
+    record = {"index": index, "step": step, "kind": kind, "coef": decision.coef, "accepted": decision.accepted,
+              "reason": decision.reason, "s": chosen.s, "u": chosen.u, "reference": ref, "trials": trials,
+              "train": train_info, "sweep_restored": result.restored,
+              "seconds": {"train": round(t1 - t0, 1), "sweep": round(result.seconds, 1),
+                          "total": round(time.perf_counter() - t0, 1)}}
+    run.write_json(f"release/{step}/step.json", record)
+    run.write_json(EDIT_LOG, log.to_json())
+    run.mark_done(f"release-{step}", {"coef": decision.coef, "accepted": decision.accepted})
+    mark = "accepted" if decision.accepted else "NOT accepted (best trade-off applied)"
+    console.print(f"release {step}: coefficient {decision.coef:+g} {mark}: s {chosen.s:.4g}, u {chosen.u:.4g} "
+                  f"({decision.reason})")
+    return log, record
+
+
+def step_label(rec: dict[str, Any]) -> str:
+    """Tables 7-9 row label: "Base model", "-mu_0 = -2", "+lambda_1 = +0.3"."""
+    if rec["kind"] == "base":
+        return "Base model"
+    name, i = rec["step"].split("_")
+    return f"{'-' if rec['coef'] < 0 else '+'}{name}_{i} = {rec['coef']:+g}"
+
+
+def steps_table(history: list[dict[str, Any]], title: str = "release steps") -> Table:
+    table = Table(title=title)
+    for col in ("step", "weight applied", "s (forget)", "u (utility)", "s / s_base", "u / u_base", "rule"):
+        table.add_column(col, justify="left" if col in ("weight applied", "rule") else "right")
+    s0, u0 = history[0]["s"], history[0]["u"]
+    for rec in history:
+        rule = "" if rec["kind"] == "base" else ("accepted" if rec["accepted"] else "none met: best trade-off")
+        table.add_row(str(rec["index"]), step_label(rec), f"{rec['s']:.4g}", f"{rec['u']:.4g}",
+                      f"{rec['s'] / s0:.3f}", f"{rec['u'] / u0:.3f}", rule)
+    return table
+
+
+def steps_markdown(history: list[dict[str, Any]]) -> str:
+    s0, u0 = history[0]["s"], history[0]["u"]
+    lines = ["| step | weight applied | s (forget) | u (utility) | s / s_base | u / u_base | rule |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    for rec in history:
+        rule = "" if rec["kind"] == "base" else ("accepted" if rec["accepted"] else "none met: best trade-off")
+        lines.append(f"| {rec['index']} | {step_label(rec)} | {rec['s']:.4g} | {rec['u']:.4g} | "
+                     f"{rec['s'] / s0:.3f} | {rec['u'] / u0:.3f} | {rule} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(history: list[dict[str, Any]], task: str) -> bytes:
+    """Figure 3/4 shape: forget and utility scores (relative to the base model) across the steps."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s0, u0 = history[0]["s"], history[0]["u"]
+    xs = [rec["index"] for rec in history]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.plot(xs, [r["s"] / s0 for r in history], "o-", color="tab:red", label=f"forget score s ({task})")
+    ax.plot(xs, [r["u"] / u0 for r in history], "s-", color="tab:green", label="utility score u")
+    ax.set_xticks(xs, [step_label(r).split(" = ")[0] if r["kind"] != "base" else "base" for r in history])
+    ax.set_ylabel("relative to the base model")
+    ax.set_title("Release: PEM composition steps (eq. 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> dict[str, Any]:
+    """All steps of equation 1 (skipping finished ones); Ray must be initialised. Returns a summary."""
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    task = get_task(cfg.task)
+    forget_rows = load_forget_rows(cfg, run)
+    retain_rows = task.retain_data(cfg.release.retain_rows)
+    if not retain_rows:
+        raise ValueError(f"task {cfg.task.name}: no retain data for the retain PEMs")
+    log, history = EditLog(cfg.model.name_or_path), []
+    for index, (step, kind) in enumerate(plan(cfg.release.iterations), start=1):
+        if run.is_done(f"release-{step}"):
+            rec = run.read_json(f"release/{step}/step.json")
+            if not history:  # the base row was recorded with the first step
+                history.append({"index": 0, "step": "base", "kind": "base", "coef": 0.0,
+                                **run.read_json("release/base.json")})
+            history.append(rec)
+            log = log.then(Edit(adapter=f"release/{step}/adapter", coef=rec["coef"], kind=kind, step=step))
+            console.print(f"release {step}: already done (coefficient {rec['coef']:+g}), skipped")
+            continue
+        rows = forget_rows if kind == "forget" else retain_rows
+        log, rec = run_step(cfg, run, index, step, kind, log, history, rows, console)
+        history.append(rec)
+    final = _compose_to_run(log, run, FINAL_ADAPTER, cfg.run.s3_endpoint_url)
+    run.write_json("release/steps.json", history)
+    run.write_text("release/steps.md", steps_markdown(history))
+    run.write_bytes("release/metrics.png", plot_steps(history, cfg.task.name))
+    console.print(steps_table(history, f"release: {cfg.task.name}, {cfg.model.name_or_path}"))
+    s0, u0, s1, u1 = history[0]["s"], history[0]["u"], history[-1]["s"], history[-1]["u"]
+    summary = {"steps": len(history) - 1, "edit_log": log.to_json(), "composed_adapter": final,
+               "s_base": s0, "u_base": u0, "s_final": s1, "u_final": u1,
+               "forget_drop": 1 - s1 / s0, "utility_kept": u1 / u0,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    run.mark_done("release", {k: v for k, v in summary.items() if k != "edit_log"})
+    return summary

@@ -1,0 +1,122 @@
+"""Merge-weight search (paper section 3.2, "Merge Weight Selection"), done by hand in the paper and here as a
+Ray Tune grid: every trial scores the current edit log plus the new PEM at one candidate coefficient.
+
+A trial composes its candidate into one stacked LoRA (``pem.compose``) and scores it with the task's
+continuous ``s`` and ``u`` on the evaluation subsets; the threshold rule (``rules.py``) then picks the
+coefficient. Trials run in parallel on Ray's CPUs (or GPUs); their results are written into the run
+directory, and a killed sweep resumes from Tune's experiment state (``Tuner.restore``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rr_ray.config import TaskConfig
+from rr_ray.release.pem import Edit, EditLog, compose
+from rr_ray.storage import arrow_storage, localize
+
+_SCORERS: dict[tuple[str, str, int], Any] = {}  # per trial process: Tune reuses actors, the model stays loaded
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    trials: list[dict[str, Any]]  # one per coefficient, sorted by |coef|: {"coef", "s", "u", "seconds"}
+    seconds: float
+    restored: bool
+
+
+def _scorer(model_dir: str, dtype: str, threads: int, batch_size: int) -> Any:
+    from rr_ray.evaluation.scoring import Scorer
+
+    key = (model_dir, dtype, threads)
+    if key not in _SCORERS:
+        _SCORERS[key] = Scorer.from_model_dir(model_dir, dtype=dtype, batch_size=batch_size, threads=threads)
+    return _SCORERS[key]
+
+
+def score_edit_log(log: EditLog, *, model_dir: str, task_cfg: TaskConfig, limit: int | None, dtype: str,
+                   threads: int) -> dict[str, float]:
+    """``s`` and ``u`` of base + ``log`` (composed into one temporary stacked LoRA; adapters are local dirs)."""
+    from rr_ray.tasks.base import get_task
+
+    scorer = _scorer(model_dir, dtype, threads, task_cfg.scoring_batch_size)
+    task = get_task(task_cfg)
+    with tempfile.TemporaryDirectory(prefix="rr-ray-cand-") as tmp:
+        # A unique dir per candidate: the scorer's generator caches adapters by path.
+        adapter = compose(log, Path(tmp) / uuid.uuid4().hex)
+        adapter_path = str(adapter) if adapter else None
+        forget = task.forget_score(scorer, adapter_path, limit, full=False)
+        utility = task.utility_score(scorer, adapter_path, limit, full=False)
+    return {"s": float(forget["s"]), "u": float(utility["u"])}
+
+
+def candidate_log(base: str, current: str | None, adapter: str, coef: float, kind: str, step: str) -> EditLog:
+    """The current model (one composed LoRA, coefficient 1) plus the candidate PEM at ``coef``."""
+    log = EditLog(base)
+    if current:
+        log = log.then(Edit(adapter=current, coef=1.0, kind="current"))
+    return log.then(Edit(adapter=adapter, coef=coef, kind=kind, step=step)) if coef != 0.0 else log
+
+
+def score_trial(config: dict[str, Any]) -> dict[str, float]:
+    """Tune trainable: one candidate coefficient; returns its final metrics."""
+    from rr_ray.models.loader import resolve_model
+
+    t0 = time.perf_counter()
+    endpoint = config.get("endpoint_url")
+    model_dir = str(resolve_model(config["model"], config.get("cache_dir"), endpoint))
+    current = str(localize(config["current"], endpoint_url=endpoint)) if config.get("current") else None
+    adapter = str(localize(config["adapter"], endpoint_url=endpoint))
+    log = candidate_log(config["model"], current, adapter, config["coef"], config["kind"], config["step"])
+    scores = score_edit_log(log, model_dir=model_dir, task_cfg=TaskConfig.model_validate(config["task"]),
+                            limit=config["limit"], dtype=config["dtype"], threads=config["threads"])
+    return {"coef": config["coef"], **scores, "seconds": time.perf_counter() - t0}
+
+
+def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str, coefs: list[float],
+          task_cfg: TaskConfig, limit: int | None, storage_uri: str, name: str, dtype: str = "float32",
+          cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, endpoint_url: str | None = None,
+          cache_dir: str | None = None) -> SweepResult:
+    """Score ``current + coef * adapter`` for every coefficient as parallel Tune trials; Ray must be up.
+
+    ``model`` is any reference ``resolve_model`` takes; ``current`` (the composed edit log so far, None = the
+    base) and ``adapter`` are local dirs or s3:// URIs. ``coefs`` are signed (negative for a forget PEM);
+    0.0 scores the current model itself.
+    """
+    from ray import tune
+
+    storage_path, fs = arrow_storage(storage_uri, endpoint_url)
+    trainable = tune.with_resources(score_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+    exp_path = f"{storage_path.rstrip('/')}/{name}"
+    t0 = time.perf_counter()
+    restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+    if restored:  # a killed sweep: finished trials are kept, unfinished and errored ones run again
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        space = {"coef": tune.grid_search([float(c) for c in coefs]), "model": model, "current": current,
+                 "adapter": adapter, "kind": kind, "step": step, "task": task_cfg.model_dump(), "limit": limit,
+                 "dtype": dtype, "threads": max(1, int(cpus_per_trial)), "endpoint_url": endpoint_url,
+                 "cache_dir": cache_dir}
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=2)),
+        )
+    grid = tuner.fit()
+    trials, errors = [], []
+    for result in grid:
+        if result.error is not None:
+            errors.append(str(result.error).splitlines()[0])
+        elif result.metrics and "s" in result.metrics:
+            trials.append({k: float(result.metrics[k]) for k in ("coef", "s", "u", "seconds")})
+    if errors:
+        raise RuntimeError(f"weight sweep {name}: {len(errors)} trial(s) failed: {errors[0]}")
+    trials.sort(key=lambda t: (abs(t["coef"]), t["coef"]))
+    return SweepResult(trials=trials, seconds=time.perf_counter() - t0, restored=restored)
