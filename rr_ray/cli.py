@@ -7,9 +7,9 @@ import json
 import sys
 from typing import Any, Callable
 
-from rr_ray.config import ConfigError, RRConfig, load_config
+from rr_ray.config import ConfigError, RRConfig, config_from_text, load_config
 from rr_ray.models.packaged import ModelNotFoundError
-from rr_ray.storage import StorageError
+from rr_ray.storage import RunDir, StorageError
 
 EXIT_USAGE = 2
 
@@ -23,12 +23,9 @@ def _cmd_run(cfg: RRConfig, args: argparse.Namespace) -> int:
     from rr_ray.pipeline import console, run_pipeline
 
     summary = run_pipeline(cfg)
-    g = summary["generate"]
-    console.print(f"generated {g['rows']} completions for {g['prompts']} prompts: {g['new_tokens']} new tokens "
-                  f"in {g['wall_s']:.1f} s = {g['tokens_per_s']:.1f} tokens/s "
-                  f"({g['actors']} {g['backend']} actor(s), ray: {g['ray']})")
-    console.print(f"run directory: [bold]{summary['run_dir']}[/bold] (total {summary['wall_s']:.1f} s)")
-    print(json.dumps(summary))
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stages_s"].items())
+    console.print(f"run directory: [bold]{summary['run_dir']}[/bold] (total {summary['wall_s']:.1f} s: {times})")
+    print(json.dumps(summary, default=str))
     return 0
 
 
@@ -49,6 +46,75 @@ def _cmd_evaluate(cfg: RRConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.pipeline import console, open_run, stage_release
+
+    summary = stage_release(cfg, open_run(cfg))
+    console.print(f"release: s {summary['s_base']:.4g} -> {summary['s_final']:.4g} "
+                  f"(forget score down {100 * summary['forget_drop']:.1f} %), u {summary['u_base']:.4g} -> "
+                  f"{summary['u_final']:.4g} ({100 * summary['utility_kept']:.1f} % of base kept)")
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_serve(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.serving.app import serve_run
+    from rr_ray.serving.sources import model_from_run
+
+    # Base model: --model, else the one the run recorded in run.yaml, else the config's.
+    model = args.model or model_from_run(args.run, cfg.run.s3_endpoint_url) or cfg.model.name_or_path
+    serve_run(args.run, host=args.host, port=args.port, ray_cfg=cfg.ray, model=model, adapter=args.adapter,
+              served_name=args.name, backend=cfg.generation.backend, dtype=cfg.generation.dtype,
+              cache_dir=cfg.model.cache_dir, s3_endpoint_url=cfg.run.s3_endpoint_url)
+    return 0
+
+
+def _cmd_export(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.export import export_run
+    from rr_ray.pipeline import console
+
+    run = RunDir.open(args.run, endpoint_url=cfg.run.s3_endpoint_url)
+    info = export_run(run, cfg)
+    console.print(f"export: {info['files']} files, {info['bytes'] / 1e6:.1f} MB in [bold]{info['export']}[/bold]"
+                  f" ({info['seconds']} s when built)")
+    console.print(f"  merged/        {info['dtype']} model with every edit merged in (AutoModelForCausalLM)")
+    if info["composed_lora"]:
+        console.print(f"  composed_lora/ one PEFT LoRA of rank {info['composed_rank']} = the whole edit log")
+    console.print(f"  adapters/      {', '.join(a.split('/')[-1] for a in info['adapters']) or 'none'} "
+                  "(+ edit_log.json, README.md)")
+    print(json.dumps(info))
+    return 0
+
+
+def _cmd_report(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.pipeline import console
+    from rr_ray.report import write_report
+
+    uri = write_report(RunDir.open(args.run, endpoint_url=cfg.run.s3_endpoint_url), cfg)
+    console.print(f"report written to [bold]{uri}[/bold]")
+    print(json.dumps({"report": uri}))
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base model (default: the run's run.yaml, else the config's)")
+    p.add_argument("--adapter", help="serve this composed LoRA dir instead of the run's")
+    p.add_argument("--name", default="rr-ray", help="model name of the unlearned model (base: NAME-base)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def _cmd_reveal(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.reveal.cli import reveal_command
+
+    return reveal_command(cfg, compare_plain=args.compare_plain)
+
+
+def _reveal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also answer as many plain task prompts and print relevance/Vendi side by side")
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["code", "toxicity", "ner", "custom"], help="= --set task.name=T")
     p.add_argument("--model", help="= --set model.name_or_path=M")
@@ -57,12 +123,23 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, tuple[str, Callable[[RRConfig, argparse.Namespace], int]]] = {
-    "run": ("run every pipeline stage that exists into the run directory (resumable)", _cmd_run),
+    "run": ("reveal -> release -> evaluate -> export -> report into the run directory (resumable)", _cmd_run),
     "config": ("print the resolved config (YAML + overrides + defaults) and exit", _cmd_config),
     "evaluate": ("score a model (+ adapter) on a task's forget and utility metrics -> eval/<task>.json",
                  _cmd_evaluate),
+    "serve": ("serve a run's unlearned model (+ its base) over an OpenAI-compatible HTTP API (Ray Serve)",
+              _cmd_serve),
+    "release": ("compose forget/retain PEMs with swept weights (eq. 1) -> release/, edit_log.json", _cmd_release),
+    "export": ("write a run's merged HF model, PEFT adapters and composed LoRA -> export/", _cmd_export),
+    "report": ("write a run's markdown report (tables, best instructions, timings, plots) -> report/",
+               _cmd_report),
 }
-EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": _evaluate_args}
+EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": _evaluate_args,
+                                                                     "serve": _serve_args}
+
+
+# Commands on a finished (or running) run: their positional is the run directory, their config its run.yaml.
+RUN_COMMANDS = ("export", "report", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?", default=None,
-                       help="YAML config (default: built-in defaults = configs/default.yaml)")
+        if name in RUN_COMMANDS:
+            p.add_argument("run", help="run directory: a local path or s3://bucket/prefix")
+            p.add_argument("--s3-endpoint-url", help="S3 endpoint of an s3:// run (MinIO, moto, ...)")
+        else:
+            p.add_argument("config", nargs="?", default=None,
+                           help="YAML config (default: built-in defaults = configs/default.yaml)")
         _config_args(p, "set_local")
         if name in EXTRA_ARGS:
             EXTRA_ARGS[name](p)
     return parser
+
+
+def run_config(run_uri: str, endpoint_url: str | None, overrides: list[str]) -> RRConfig:
+    """The config a run was made with (its run.yaml), with ``--set`` overrides applied."""
+    run = RunDir.open(run_uri, endpoint_url=endpoint_url)
+    if not run.exists("run.yaml"):
+        raise ConfigError(f"{run.uri}: not a run directory (no run.yaml)")
+    endpoint = [f"run.s3_endpoint_url={endpoint_url}"] if endpoint_url else []
+    return config_from_text(run.read_text("run.yaml"), f"{run.uri}/run.yaml", [*overrides, *endpoint])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "model", None):
         overrides.append(f"model.name_or_path={args.model}")
     try:
-        cfg = load_config(args.config, overrides)
+        if args.command in RUN_COMMANDS:
+            cfg = run_config(args.run, args.s3_endpoint_url, overrides)
+        else:
+            cfg = load_config(args.config, overrides)
         return COMMANDS[args.command][1](cfg, args)
     except ConfigError as exc:
         print(f"rr-ray: error: {exc}", file=sys.stderr)

@@ -208,6 +208,12 @@ class ReleaseConfig(_Section):
         return value
 
 
+class EvaluateConfig(_Section):
+    """The base-vs-final evaluation stage of ``rr-ray run`` (paper Tables 2-4 columns)."""
+
+    limit: int | None = Field(None, ge=1, description="Items per metric (None = the task's whole eval sets).")
+
+
 class RRConfig(_Section):
     """The root config of one rr-ray run."""
 
@@ -218,6 +224,7 @@ class RRConfig(_Section):
     task: TaskConfig = Field(default_factory=TaskConfig)
     reveal: RevealConfig = Field(default_factory=RevealConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,26 +1,22 @@
 """The driver: one process owns the flow of a run and writes its run directory.
 
-Stages run in order and each is skipped when its done-marker exists, so rerunning a command continues a
-killed run. Today the pipeline holds the foundation stage (``generate``: the model answers the task's
-contexts through the generator pool); reveal, release, evaluate and export join it as they land.
+Stages run in order: reveal (Alg. 1, forget set) -> release (eq. 1, edit log) -> evaluate (base vs final)
+-> export -> report. Each is skipped when its done-marker exists and resumes its own finished steps
+otherwise, so rerunning the same command continues a killed run and redoes no finished work.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any
 
+import ray
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rr_ray import cluster
 from rr_ray.config import ConfigError, RRConfig
-from rr_ray.generation.base import Request, SamplingParams
-from rr_ray.generation.pool import GeneratorPool
 from rr_ray.models.loader import describe_model, resolve_model
-from rr_ray.storage import RunDir
-from rr_ray.tasks import reveal_contexts
+from rr_ray.storage import RunDir, localize
 
 console = Console(stderr=True)
 
@@ -40,48 +36,27 @@ def open_run(cfg: RRConfig) -> RunDir:
     return run
 
 
-def sampling_params(cfg: RRConfig) -> SamplingParams:
-    g = cfg.generation
-    return SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                          n=g.n, stop=tuple(g.stop), seed=cfg.run.seed)
+def _skipped(run: RunDir, stage: str) -> dict[str, Any] | None:
+    info = run.done_info(stage)
+    if info is not None:
+        console.print(f"[dim]stage {stage}: already done, skipped[/dim]")
+    return info
 
 
-def stage_generate(cfg: RRConfig, run: RunDir, model_dir: str) -> dict[str, Any]:
-    """The task's contexts answered by the model through the generator pool -> generate/samples.jsonl."""
-    if run.is_done("generate"):
-        info = run.done_info("generate")
-        console.print(f"[dim]stage generate: already done ({info['rows']} rows), skipped[/dim]")
+def stage_reveal(cfg: RRConfig, run: RunDir, model_dir: str) -> dict[str, Any]:
+    """Algorithm 1 into ``reveal/`` (the forget set); skipped when a forget set is given by config."""
+    from rr_ray.reveal.loop import run_reveal
+
+    if cfg.release.forget_path:
+        console.print(f"[dim]stage reveal: release.forget_path={cfg.release.forget_path} given, skipped[/dim]")
+        return {"skipped": True, "forget_path": cfg.release.forget_path}
+    if (info := _skipped(run, "reveal")) is not None:
         return info
-    prompts = reveal_contexts(cfg.task, seed=cfg.run.seed)
-    params = sampling_params(cfg)
-    address = cluster.connect(cfg.ray)
-    t0 = time.perf_counter()
-    pool = GeneratorPool(cfg.generation, model_dir, seed=cfg.run.seed)
-    startup = time.perf_counter() - t0
-    total = len(prompts)
-    with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        task = bar.add_task("generate", total=total)
-        t1 = time.perf_counter()
-        outs = pool.generate([Request(p) for p in prompts], params,
-                             on_batch=lambda rows: bar.advance(task, rows))
-        wall = time.perf_counter() - t1
-    pool.shutdown()
-    rows = [
-        {"context_id": i, "sample": j, "prompt": prompts[i], "response": c.text,
-         "num_tokens": c.num_tokens, "finish_reason": c.finish_reason}
-        for i, group in enumerate(outs) for j, c in enumerate(group)
-    ]
-    tokens = sum(r["num_tokens"] for r in rows)
-    info = {
-        "rows": len(rows), "prompts": total, "new_tokens": tokens, "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens / wall, 2), "actor_startup_s": round(startup, 3),
-        "actors": cfg.generation.num_actors, "backend": cfg.generation.backend, "ray": address,
-        "sampling": asdict(params),
-    }
-    run.write_jsonl("generate/samples.jsonl", rows)
-    run.write_json("generate/stats.json", info)
-    run.mark_done("generate", info)
+    cluster.connect(cfg.ray)
+    console.rule("[bold]reveal[/]: the model generates its own forget set (Algorithm 1)")
+    info = run_reveal(cfg, run, model_dir)
+    console.print(f"reveal: {info['forget_size']} forget rows, mean relevance {info['mean_relevance']:.3f}, "
+                  f"Vendi {info['forget_vendi']:.2f} ({info['seconds']:.0f} s)")
     return info
 
 
@@ -89,23 +64,88 @@ def stage_release(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     """Equation 1 into ``release/`` and ``edit_log.json`` (each finished step is skipped on a rerun)."""
     from rr_ray.release.loop import run_release
 
-    if run.is_done("release"):
-        info = run.done_info("release") or {}
-        console.print(f"[dim]stage release: already done ({info.get('steps')} steps), skipped[/dim]")
+    if (info := _skipped(run, "release")) is not None:
         return info | {"edit_log": run.read_json("edit_log.json")}
     cluster.connect(cfg.ray)
+    console.rule("[bold]release[/]: forget and retain PEMs composed with swept weights (eq. 1)")
     return run_release(cfg, run, console)
 
 
+def _evaluate_one(cfg_yaml: str, adapter_uri: str | None) -> dict[str, Any]:
+    """One model's full forget + utility metrics; runs as a Ray task next to wherever Ray has room."""
+    from rr_ray.config import config_from_text
+    from rr_ray.evaluation.evaluate import evaluate
+
+    cfg = config_from_text(cfg_yaml, "run.yaml")
+    adapter = str(localize(adapter_uri, endpoint_url=cfg.run.s3_endpoint_url)) if adapter_uri else None
+    result = evaluate(cfg, adapter=adapter, limit=cfg.evaluate.limit)
+    return result | {"adapter": adapter_uri}
+
+
+def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
+    """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json."""
+    if (info := _skipped(run, "evaluate")) is not None:
+        return info
+    cluster.connect(cfg.ray)
+    console.rule("[bold]evaluate[/]: base vs unlearned model")
+    t0 = time.perf_counter()
+    final = run.done_info("release")["composed_adapter"]
+    resources = {"num_cpus": cfg.generation.cpus_per_actor, "num_gpus": cfg.generation.gpus_per_actor}
+    task = ray.remote(**resources)(_evaluate_one)
+    results = {}
+    for name, adapter in (("base", None), ("final", final)):
+        if run.exists(f"eval/{name}.json"):
+            results[name] = run.read_json(f"eval/{name}.json")
+            continue
+        console.print(f"evaluate: {name} model ({cfg.task.name}, limit {cfg.evaluate.limit or 'all'})")
+        results[name] = ray.get(task.remote(cfg.to_yaml(), adapter))
+        run.write_json(f"eval/{name}.json", results[name])
+    from rr_ray.evaluation.evaluate import comparison_table
+
+    console.print(comparison_table(results["base"], results["final"]))
+    info = {"seconds": round(time.perf_counter() - t0, 1),
+            "base": {"s": results["base"]["forget"]["s"], "u": results["base"]["utility"]["u"]},
+            "final": {"s": results["final"]["forget"]["s"], "u": results["final"]["utility"]["u"]}}
+    run.mark_done("evaluate", info)
+    return info
+
+
+def stage_export(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
+    from rr_ray.export import export_run
+
+    if (info := _skipped(run, "export")) is not None:
+        return info
+    console.rule("[bold]export[/]: merged model, adapter stack, composed LoRA")
+    return export_run(run, cfg)
+
+
+def stage_report(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
+    from rr_ray.report import write_report
+
+    if (info := _skipped(run, "report")) is not None:
+        return info
+    uri = write_report(run, cfg)
+    console.print(f"report: [bold]{uri}[/bold]")
+    return run.done_info("report") or {"report": uri}
+
+
 def run_pipeline(cfg: RRConfig) -> dict[str, Any]:
-    """Every stage that exists, in order, into ``cfg.run.dir``."""
+    """reveal -> release -> evaluate -> export -> report into ``cfg.run.dir`` (resumable at every stage)."""
     t0 = time.perf_counter()
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
     m = describe_model(model_dir)
     console.print(f"loaded {cfg.model.name_or_path}: {m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters, "
                   f"{m['layers']} layers, hidden {m['hidden']} ({model_dir})")
     run = open_run(cfg)
-    summary = {"model": cfg.model.name_or_path, "model_dir": model_dir, "run_dir": run.uri}
-    summary["generate"] = stage_generate(cfg, run, model_dir)
-    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary: dict[str, Any] = {"model": cfg.model.name_or_path, "model_dir": model_dir, "run_dir": run.uri,
+                               "stages_s": {}}
+    stages = (("reveal", lambda: stage_reveal(cfg, run, model_dir)), ("release", lambda: stage_release(cfg, run)),
+              ("evaluate", lambda: stage_evaluate(cfg, run)), ("export", lambda: stage_export(cfg, run)),
+              ("report", lambda: stage_report(cfg, run)))
+    for name, stage in stages:
+        t = time.perf_counter()
+        summary[name] = stage()
+        summary["stages_s"][name] = round(time.perf_counter() - t, 1)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    run.write_json("timings.json", {"stages_s": summary["stages_s"], "wall_s": summary["wall_s"]})
     return summary

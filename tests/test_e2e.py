@@ -1,47 +1,80 @@
-"""The real default model (SmolLM2-135M) through `rr-ray run` on configs/tiny.yaml, then a resumed rerun."""
+"""The real default model (SmolLM2-135M) through `rr-ray run` on configs/tiny.yaml: every stage, a kill -9
+in the middle, a resumed rerun that redoes no finished stage, and a final rerun that skips everything."""
 
-import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("reveal", "release", "evaluate", "export", "report")
 pytestmark = pytest.mark.e2e
 
 
+def _cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "rr_ray", "run", str(ROOT / "configs/tiny.yaml"), "--set", f"run.dir={run_dir}"]
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
 def _run(run_dir: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "rr_ray", "run", str(ROOT / "configs/tiny.yaml"),
-                           "--set", f"run.dir={run_dir}"], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=env)
+    return subprocess.run(_cmd(run_dir), capture_output=True, text=True, timeout=1200, cwd=ROOT, env=_env())
 
 
-def test_tiny_run_writes_a_complete_run_directory_and_resumes(tmp_path: Path) -> None:
+def _kill_when(run_dir: Path, marker: str, timeout: float = 900) -> None:
+    """Start a run and SIGKILL its whole process group as soon as ``marker`` exists."""
+    proc = subprocess.Popen(_cmd(run_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while not (run_dir / marker).exists():
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {marker} appeared"
+            assert time.time() < deadline, f"{marker} did not appear in {timeout} s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_tiny_run_all_stages_survives_kill_9_and_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # Killed inside release, after its first PEM was trained: reveal is finished, release is half done.
+    _kill_when(run_dir, "_done/release-mu_0-train.json")
+    assert (run_dir / "_done/reveal.json").exists() and not (run_dir / "_done/release.json").exists()
+    forget_mtime = (run_dir / "reveal/forget.jsonl").stat().st_mtime_ns
+    pem_mtime = (run_dir / "release/mu_0/adapter/adapter_model.safetensors").stat().st_mtime_ns
+
     first = _run(run_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-4000:]
     assert "loaded smollm2-135m-instruct: LlamaForCausalLM, 134.5 M parameters" in first.stderr
-    assert "run directory:" in first.stderr
+    assert "stage reveal: already done, skipped" in first.stderr
+    # The finished work was not redone: the forget set and the trained PEM are the same files.
+    assert (run_dir / "reveal/forget.jsonl").stat().st_mtime_ns == forget_mtime
+    assert (run_dir / "release/mu_0/adapter/adapter_model.safetensors").stat().st_mtime_ns == pem_mtime
+    for stage in STAGES:
+        assert (run_dir / f"_done/{stage}.json").exists(), stage
 
-    rows = [json.loads(line) for line in (run_dir / "generate/samples.jsonl").read_text().splitlines()]
-    assert [r["context_id"] for r in rows] == [0, 1, 2, 3]
-    assert all(0 < r["num_tokens"] <= 16 and r["response"].strip() for r in rows)
-    assert all("```python" in r["prompt"] for r in rows)  # HumanEval problems as code contexts
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    for rel in ("run.yaml", "generate/samples.jsonl", "generate/stats.json"):
-        assert manifest[rel]["sha256"] == hashlib.sha256((run_dir / rel).read_bytes()).hexdigest()
-    done = json.loads((run_dir / "_done/generate.json").read_text())
-    assert done["rows"] == 4 and done["actors"] == 2
+    rows = [json.loads(line) for line in (run_dir / "reveal/forget.jsonl").read_text().splitlines()]
+    assert rows and all(r["prompt"] and "relevance" in r for r in rows)
+    log = json.loads((run_dir / "edit_log.json").read_text())
+    assert [e["step"] for e in log["edits"]] == ["mu_0", "lambda_1", "mu_1"]
+    base, final = (json.loads((run_dir / f"eval/{n}.json").read_text()) for n in ("base", "final"))
+    assert base["adapter"] is None and final["adapter"].endswith("release/composed")
+    assert final["forget"]["s"] != base["forget"]["s"]  # the edit log changed the model
+    assert (run_dir / "export/merged/config.json").exists() and (run_dir / "export/composed_lora").is_dir()
+    report = (run_dir / "report/report.md").read_text()
+    assert "base" in report.lower() and "mu_0" in report
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert summary["generate"]["new_tokens"] == sum(r["num_tokens"] for r in rows)
+    assert set(summary["stages_s"]) == set(STAGES)
 
-    before = (run_dir / "generate/samples.jsonl").stat().st_mtime_ns
-    second = _run(run_dir)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "stage generate: already done (4 rows), skipped" in second.stderr
-    assert (run_dir / "generate/samples.jsonl").stat().st_mtime_ns == before
+    again = _run(run_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for stage in STAGES:
+        assert f"stage {stage}: already done, skipped" in again.stderr

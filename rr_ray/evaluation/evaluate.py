@@ -57,3 +57,30 @@ def write_result(cfg: RRConfig, result: dict[str, Any]) -> str:
     rel = f"eval/{cfg.task.name}.json"
     run.write_json(rel, result)
     return f"{run.uri.rstrip('/')}/{rel}"
+
+
+def comparison_rows(base: dict[str, Any], final: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """(side, metric, base value, final value) for every metric both results report."""
+    rows = []
+    for side in ("forget", "utility"):
+        for key, value in base[side].items():
+            if key in final[side]:
+                rows.append((side, key, value, final[side][key]))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def comparison_table(base: dict[str, Any], final: dict[str, Any]) -> Table:
+    """Base vs final model, one row per metric (the paper's Tables 2-4 columns as rows)."""
+    table = Table(title=f"{base['task']}: base vs unlearned ({base['model']})")
+    for col in ("side", "metric", "base", "unlearned", "change"):
+        table.add_column(col, justify="left" if col in ("side", "metric") else "right")
+    for side, key, b, f in comparison_rows(base, final):
+        change = ""
+        if isinstance(b, (int, float)) and isinstance(f, (int, float)) and not isinstance(b, bool):
+            change = f"{100 * (f - b) / abs(b):+.1f} %" if b else f"{f - b:+.4g}"
+        table.add_row(side, key, _fmt(b), _fmt(f), change)
+    return table

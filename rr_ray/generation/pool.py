@@ -23,7 +23,12 @@ from rr_ray.generation.base import Completion, Request, SamplingParams, make_gen
 class GeneratorWorker:
     """Plain class holding one backend; the pool makes it a Ray actor."""
 
-    def __init__(self, backend: str, backend_kwargs: dict[str, Any]) -> None:
+    def __init__(self, backend: str, backend_kwargs: dict[str, Any], model_ref: str | None = None) -> None:
+        if model_ref and not Path(backend_kwargs["model_dir"]).is_dir():
+            # An actor on another node than the driver: resolve the model (packaged, s3, hub) on this node.
+            from rr_ray.models.loader import resolve_model
+
+            backend_kwargs = {**backend_kwargs, "model_dir": str(resolve_model(model_ref))}
         self.generator = make_generator(backend, **backend_kwargs)
 
     def pid(self) -> int:
@@ -45,7 +50,9 @@ def backend_kwargs(cfg: GenerationConfig, model_dir: str | Path, seed: int = 0) 
 class GeneratorPool:
     """``num_actors`` generator actors; ``generate`` spreads batches over them and keeps input order."""
 
-    def __init__(self, cfg: GenerationConfig, model_dir: str | Path, seed: int = 0) -> None:
+    def __init__(self, cfg: GenerationConfig, model_dir: str | Path, seed: int = 0,
+                 model_ref: str | None = None) -> None:
+        """``model_ref`` (the config's model.name_or_path) lets actors on other nodes resolve the model."""
         self.cfg = cfg
         actor_cls = ray.remote(
             num_cpus=cfg.cpus_per_actor,
@@ -54,7 +61,7 @@ class GeneratorPool:
             max_task_retries=cfg.max_task_retries,
         )(GeneratorWorker)
         kwargs = backend_kwargs(cfg, model_dir, seed)
-        self.actors = [actor_cls.remote(cfg.backend, kwargs) for _ in range(cfg.num_actors)]
+        self.actors = [actor_cls.remote(cfg.backend, kwargs, model_ref) for _ in range(cfg.num_actors)]
         ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-run, if a backend cannot load
 
     def actor_pids(self) -> list[int]:

@@ -81,7 +81,7 @@ def score_trial(config: dict[str, Any]) -> dict[str, float]:
 def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str, coefs: list[float],
           task_cfg: TaskConfig, limit: int | None, storage_uri: str, name: str, dtype: str = "float32",
           cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, endpoint_url: str | None = None,
-          cache_dir: str | None = None) -> SweepResult:
+          cache_dir: str | None = None, max_concurrent: int | None = None) -> SweepResult:
     """Score ``current + coef * adapter`` for every coefficient as parallel Tune trials; Ray must be up.
 
     ``model`` is any reference ``resolve_model`` takes; ``current`` (the composed edit log so far, None = the
@@ -105,7 +105,7 @@ def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str
                  "cache_dir": cache_dir}
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(reuse_actors=True),
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=2)),
         )
