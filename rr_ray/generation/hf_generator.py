@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ class HFGenerator:
         return apply_chat(self.tokenizer, request.prompt) if request.chat else request.prompt
 
     @torch.inference_mode()
-    def _generate_batch(self, texts: list[str], adapters: list[str], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, texts: list[str], adapters: list[str], params: SamplingParams,
+                        streamer: Any = None) -> list[Completion]:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         kwargs: dict = dict(
             max_new_tokens=params.max_new_tokens,
@@ -61,6 +63,8 @@ class HFGenerator:
             kwargs["min_new_tokens"] = params.max_new_tokens
         if self._adapters:  # once a PeftModel, "no adapter" must be explicit or the active one applies
             kwargs["adapter_names"] = adapters
+        if streamer is not None:
+            kwargs["streamer"] = streamer
         out = self.model.generate(**enc, **kwargs)
         new = out[:, enc["input_ids"].shape[1]:]
         eos = self.tokenizer.eos_token_id
@@ -105,13 +109,25 @@ class HFGenerator:
             kwargs = {}
             if self._adapters:
                 kwargs["adapter_names"] = [rows[k][2] for k in chunk]
-            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            # Only positions that predict a continuation token get logits (vocab-sized rows dominate memory).
+            start_pos = min(rows[k][1] for k in chunk) - 1
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=width - start_pos,
+                                **kwargs).logits
             for b, k in enumerate(chunk):
                 seq, first = rows[k][0], rows[k][1]
-                nll = -logp[b, first - 1 : len(seq) - 1].sum().item()
+                row = logits[b, first - 1 - start_pos : len(seq) - 1 - start_pos].float()
+                nll = torch.nn.functional.cross_entropy(row, ids[b, first : len(seq)], reduction="sum").item()
                 out[k] = (nll, max(len(seq) - first, 0))
         return [out[k] for k in range(len(rows))]
+
+    def generate_batch(self, requests: list[Request], params: SamplingParams,
+                       streamer: Any = None) -> list[Completion]:
+        """One ``model.generate`` call over ``requests`` in the given order: no ``n`` expansion, no reseeding.
+
+        ``streamer`` (a transformers ``BaseStreamer``) receives the prompt ids, then each step's new token per row.
+        """
+        return self._generate_batch([self.render(r) for r in requests],
+                                    [self._adapter_name(r.adapter) for r in requests], params, streamer)
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[list[Completion]]:
         """n completions per request, in request order. Prompts are length-sorted to limit padding."""
