@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
@@ -13,6 +14,19 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RR_RAY_C
                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
+def _job_env_vars() -> set[str]:
+    """Env var names the runtime_env of a `ray job submit` job already sets (empty outside a job driver).
+
+    Ray merges the job's runtime_env with the driver's ray.init(runtime_env=...) and refuses any key set
+    by both; the job's values reach every worker anyway, so we leave those keys to the job.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return set(runtime_env.get("env_vars") or {})
+
+
 def connect(cfg: RayConfig | None = None) -> str:
     """Initialise Ray once per process and return the address joined ("local" for a fresh local Ray)."""
     cfg = cfg or RayConfig()
@@ -20,6 +34,8 @@ def connect(cfg: RayConfig | None = None) -> str:
         return "existing"
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key in _job_env_vars():
+        env.pop(key, None)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True)
     if address:
