@@ -34,10 +34,17 @@ class Scorer:
         outs = self.generator.generate([Request(p, chat=chat, adapter=adapter) for p in prompts], params)
         return [[c.text for c in group] for group in outs]
 
-    def loglik(self, prompts: list[str], continuations: list[str], adapter: str | None = None,
+    def loglik(self, prompts: list[str], continuations: list[str], adapter: str | None | list[str | None] = None,
                chat: bool = True) -> list[tuple[float, int]]:
-        """(summed NLL in nats, scored tokens) of each continuation given its prompt."""
-        reqs = [Request(p, chat=chat, adapter=adapter) for p in prompts]
+        """(summed NLL in nats, scored tokens) of each continuation given its prompt.
+
+        ``adapter`` may be a list, one per row: then rows under different adapters share batches (peft
+        mixed-adapter batches), e.g. every candidate weight of a sweep scored in one pass.
+        """
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapters for {len(prompts)} prompts")
+        reqs = [Request(p, chat=chat, adapter=a) for p, a in zip(prompts, adapters)]
         return self.generator.loglik(reqs, continuations)
 
     def mean_token_loglik(self, prompts: list[str], continuations: list[str], adapter: str | None = None,

@@ -1,0 +1,96 @@
+"""Threshold rules of paper section 3.2 on hand-made score sequences (paper defaults and the 60 % ablation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rr_ray.config import RulesConfig, load_config
+from rr_ray.release.rules import Candidate, accept_forget, accept_retain, choose_forget, choose_retain
+
+PAPER = RulesConfig()
+SIXTY = RulesConfig(forget_ratio=0.4)  # section 5.2 ablation: forget only 60 % per iteration
+
+
+def test_paper_defaults() -> None:
+    assert (PAPER.forget_ratio, PAPER.retain_ratio) == (0.1, 0.95)
+
+
+def test_accept_forget_either_condition() -> None:
+    assert accept_forget(1.0, 0.8, 0.1, 0.2, PAPER)  # 90 % forgotten, even with a big utility loss
+    assert not accept_forget(1.0, 1.0, 0.11, 0.0, PAPER)  # 0.11 > 0.1 and drop 0.89 < utility drop 1.0
+    assert accept_forget(1.0, 0.8, 0.5, 0.7, PAPER)  # forget drop 0.5 > utility drop 0.1
+    assert not accept_forget(1.0, 0.8, 0.5, 0.2, PAPER)  # drop 0.5 < utility drop 0.6, and 0.5 > 0.1
+    assert not accept_forget(1.0, 0.8, 0.7, 0.5, PAPER)  # equal drops (0.3 vs 0.3): strict '>' fails
+    assert not accept_forget(1.0, 0.8, math.nan, 0.8, PAPER)
+
+
+def test_accept_retain_boundary() -> None:
+    assert accept_retain(0.8, 0.76, PAPER)  # exactly 95 %
+    assert not accept_retain(0.8, 0.7599, PAPER)
+    assert accept_retain(0.8, 0.9, PAPER)
+    assert not accept_retain(0.8, math.nan, PAPER)
+
+
+def test_choose_forget_smallest_accepted_magnitude() -> None:
+    # mu sweep on top of a model with s=1.0, u=0.8; coefs are signed (-mu)
+    cands = [Candidate(-0.5, 0.9, 0.79), Candidate(-1.0, 0.6, 0.5), Candidate(-2.0, 0.3, 0.75),
+             Candidate(-3.0, 0.08, 0.3), Candidate(-4.0, 0.05, 0.2)]
+    d = choose_forget(1.0, 0.8, cands, PAPER)
+    # -0.5: drop 0.1 > 0.01 -> accepted by the trade-off rule; it is the smallest magnitude
+    assert d.accepted and d.coef == -0.5 and d.candidate == cands[0]
+    assert "utility drop" in d.reason
+
+
+def test_choose_forget_ratio_config_changes_choice() -> None:
+    # every candidate loses more utility than forget score, so only the ratio condition can accept
+    cands = [Candidate(-1.0, 0.7, 0.1), Candidate(-2.0, 0.35, 0.05), Candidate(-4.0, 0.09, 0.0)]
+    paper = choose_forget(1.0, 1.0, cands, PAPER)
+    sixty = choose_forget(1.0, 1.0, cands, SIXTY)
+    assert paper.accepted and paper.coef == -4.0  # needs s <= 0.1
+    assert sixty.accepted and sixty.coef == -2.0  # s <= 0.4 suffices
+    assert "<= 0.4" in sixty.reason
+
+
+def test_choose_forget_none_accepted_reports_best_tradeoff() -> None:
+    cands = [Candidate(-1.0, 0.9, 0.5), Candidate(-2.0, 0.6, 0.1), Candidate(-3.0, 0.5, 0.0)]
+    # trade-offs: 0.1-0.5=-0.4, 0.4-0.9=-0.5, 0.5-1.0=-0.5
+    d = choose_forget(1.0, 1.0, cands, PAPER)
+    assert not d.accepted and d.coef == -1.0
+    assert "no candidate met the forget rule" in d.reason and "not accepted" in d.reason
+
+
+def test_choose_retain_smallest_accepted_magnitude() -> None:
+    cands = [Candidate(0.1, 0.2, 0.70), Candidate(0.3, 0.25, 0.77), Candidate(0.5, 0.3, 0.79),
+             Candidate(1.0, 0.5, 0.81)]
+    d = choose_retain(0.2, 0.8, cands, PAPER)
+    assert d.accepted and d.coef == 0.3  # 0.77 >= 0.76: the gentlest that restores 95 %
+    strict = choose_retain(0.2, 0.8, cands, RulesConfig(retain_ratio=1.0))
+    assert strict.accepted and strict.coef == 1.0
+
+
+def test_choose_retain_none_accepted_reports_highest_utility() -> None:
+    cands = [Candidate(0.1, 0.2, 0.5), Candidate(0.5, 0.3, 0.6), Candidate(1.0, 0.5, 0.55)]
+    d = choose_retain(0.2, 0.8, cands, PAPER)
+    assert not d.accepted and d.coef == 0.5
+    assert "not accepted" in d.reason
+
+
+def test_nan_scores_never_win() -> None:
+    cands = [Candidate(-1.0, math.nan, math.nan), Candidate(-2.0, 0.95, 0.2)]
+    d = choose_forget(1.0, 1.0, cands, PAPER)
+    assert not d.accepted and d.coef == -2.0
+    assert choose_retain(0.2, 0.8, [Candidate(0.1, 0.1, math.nan), Candidate(0.2, 0.1, 0.1)], PAPER).coef == 0.2
+
+
+def test_empty_candidates_rejected() -> None:
+    with pytest.raises(ValueError, match="no candidates"):
+        choose_forget(1.0, 1.0, [], PAPER)
+
+
+def test_sixty_percent_ablation_is_a_config_value(tmp_path) -> None:
+    cfg = load_config(None, ["release.rules.forget_ratio=0.4"])
+    assert cfg.release.rules.forget_ratio == 0.4
+    assert accept_forget(1.0, 1.0, 0.4, 0.0, cfg.release.rules)
+    assert not accept_forget(1.0, 1.0, 0.4, 0.0, PAPER)
