@@ -59,13 +59,11 @@ def _cmd_release(cfg: RRConfig, args: argparse.Namespace) -> int:
 
 def _cmd_serve(cfg: RRConfig, args: argparse.Namespace) -> int:
     from rr_ray.serving.app import serve_run
-    from rr_ray.serving.sources import model_from_run
 
-    # Base model: --model, else the one the run recorded in run.yaml, else the config's.
-    model = args.model or model_from_run(args.run, cfg.run.s3_endpoint_url) or cfg.model.name_or_path
-    serve_run(args.run, host=args.host, port=args.port, ray_cfg=cfg.ray, model=model, adapter=args.adapter,
-              served_name=args.name, backend=cfg.generation.backend, dtype=cfg.generation.dtype,
-              cache_dir=cfg.model.cache_dir, s3_endpoint_url=cfg.run.s3_endpoint_url)
+    # cfg is the run's run.yaml (--model already applied to it): serve that base model under the run's adapter.
+    serve_run(args.run, host=args.host, port=args.port, ray_cfg=cfg.ray, model=cfg.model.name_or_path,
+              adapter=args.adapter, served_name=args.name, backend=cfg.generation.backend,
+              dtype=cfg.generation.dtype, cache_dir=cfg.model.cache_dir, s3_endpoint_url=cfg.run.s3_endpoint_url)
     return 0
 
 
@@ -97,7 +95,7 @@ def _cmd_report(cfg: RRConfig, args: argparse.Namespace) -> int:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="base model (default: the run's run.yaml, else the config's)")
+    p.add_argument("--model", help="base model (default: the one in the run's run.yaml)")
     p.add_argument("--adapter", help="serve this composed LoRA dir instead of the run's")
     p.add_argument("--name", default="rr-ray", help="model name of the unlearned model (base: NAME-base)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
@@ -133,9 +131,11 @@ COMMANDS: dict[str, tuple[str, Callable[[RRConfig, argparse.Namespace], int]]] =
     "export": ("write a run's merged HF model, PEFT adapters and composed LoRA -> export/", _cmd_export),
     "report": ("write a run's markdown report (tables, best instructions, timings, plots) -> report/",
                _cmd_report),
+    "reveal": ("generate the forget data (paper Alg. 1) -> reveal/forget.jsonl (resumable)", _cmd_reveal),
 }
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": _evaluate_args,
-                                                                     "serve": _serve_args}
+                                                                     "serve": _serve_args,
+                                                                     "reveal": _reveal_args}
 
 
 # Commands on a finished (or running) run: their positional is the run directory, their config its run.yaml.
