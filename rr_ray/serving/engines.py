@@ -1,0 +1,270 @@
+"""Serving engines: turn one rendered prompt into a stream of text chunks per choice.
+
+The HTTP front end (app.py) knows only ``Engine.submit``; the engine is chosen by name, so CPU tests run the
+real front end with the ``hf`` engine and GPU deployments swap in ``vllm`` without another code path.
+
+- ``hf``: transformers on CPU. Concurrent requests are grouped by Ray Serve's ``@serve.batch`` and decoded
+  in one ``generate`` call per sampling setting; rows carry their own adapter (peft mixed-adapter batch), so
+  the unlearned model and the base share one set of weights. Streaming uses a streamer that receives every
+  decoding step's tokens for the whole batch.
+- ``vllm``: vLLM's async engine (continuous batching, ``LoRARequest`` per row). Imported only when chosen;
+  it needs a GPU and the ``gpu`` extra, so it is not exercised by the CPU tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ray import serve
+
+from rr_ray.generation.base import Request, SamplingParams, cut_at_stop
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt, already rendered (chat template applied); ``params.n`` choices; ``seed`` None = unseeded."""
+
+    text: str
+    adapter: str | None
+    params: SamplingParams
+    seed: int | None = None
+    stream: bool = False  # False: only each choice's final chunk is sent (no per-token work)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New text of choice ``index``; the choice's last chunk has ``finish_reason`` and its token count."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+    num_tokens: int = 0
+
+
+_END = object()
+
+
+class JobStream:
+    """The chunks of one job, fed from any thread; iteration ends after the last one or raises the job's error."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+
+    def put(self, item: Chunk | BaseException | object) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Engine(Protocol):
+    def submit(self, job: Job) -> JobStream:
+        """Start the job now (inside a running event loop) and return its chunk stream."""
+        ...
+
+
+class _RowStreamer:
+    """A transformers streamer for a whole batch: decodes each streamed row and sends only stable new text.
+
+    Text that could still become a stop string, or an incomplete UTF-8 character, is held back; the final
+    chunk then carries whatever the authoritative completion adds, so streamed text equals non-streamed text.
+    """
+
+    def __init__(self, tokenizer: Any, sinks: list[tuple[JobStream, int] | None], stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.sinks, self.stop = tokenizer, sinks, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[list[int]] = [[] for _ in sinks]
+        self.sent = ["" for _ in sinks]
+        self.done = [sink is None for sink in sinks]
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt ids
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            text, hit = cut_at_stop(self.tokenizer.decode(self.ids[row], skip_special_tokens=True), self.stop)
+            if hit:
+                self.done[row] = True
+            else:
+                text = text[: len(text) - self.hold].rstrip("\ufffd")
+            if len(text) > len(self.sent[row]) and text.startswith(self.sent[row]):
+                stream, index = self.sinks[row]  # type: ignore[misc]
+                stream.put(Chunk(index, text[len(self.sent[row]):]))
+                self.sent[row] = text
+
+    def end(self) -> None:
+        pass
+
+    def sent_text(self, row: int) -> str:
+        return self.sent[row]
+
+
+@dataclass
+class _Pending:
+    job: Job
+    stream: JobStream
+
+
+class HFEngine:
+    """transformers engine with request batching by ``@serve.batch`` (one batch decodes at a time)."""
+
+    def __init__(self, model_dir: str | Path, adapters: list[str | None], dtype: str = "float32",
+                 threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02) -> None:
+        from rr_ray.generation.hf_generator import HFGenerator
+
+        self.generator = HFGenerator(model_dir, dtype=dtype, threads=threads, batch_size=max_batch_size)
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._tasks: set[asyncio.Future] = set()
+        # Load every adapter now (one decoding step each), so the first request pays no loading and a broken
+        # adapter fails the replica's start instead of a request.
+        self.generator.generate_batch([Request("Hello", chat=False, adapter=a) for a in adapters],
+                                      SamplingParams(max_new_tokens=1))
+
+    def submit(self, job: Job) -> JobStream:
+        stream = JobStream()
+        task = asyncio.ensure_future(self._batched(_Pending(job, stream)))
+        self._tasks.add(task)  # keep a reference until done; errors already reached the stream
+
+        def _finished(t: asyncio.Future) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                stream.put(t.exception())
+
+        task.add_done_callback(_finished)
+        return stream
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _batched(self, pending: list[_Pending]) -> list[None]:
+        # generate() takes one SamplingParams per call: requests with the same settings decode together.
+        groups: dict[tuple[SamplingParams, int | None], list[_Pending]] = {}
+        for p in pending:
+            groups.setdefault((p.job.params, p.job.seed), []).append(p)
+        for (params, seed), group in groups.items():
+            try:
+                await asyncio.to_thread(self._decode, group, params, seed)
+            except Exception as exc:  # a failed group fails its requests only; the replica keeps serving
+                for p in group:
+                    p.stream.put(exc)
+                continue
+            for p in group:
+                p.stream.put(_END)
+        return [None] * len(pending)
+
+    def _decode(self, group: list[_Pending], params: SamplingParams, seed: int | None) -> None:
+        import torch
+
+        rows = [(p, i) for p in group for i in range(params.n)]
+        one = replace(params, n=1)
+        if params.temperature > 0 and seed is not None:
+            torch.manual_seed(seed)
+        size = self.generator.batch_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            streamer = None
+            if any(p.job.stream for p, _ in chunk):
+                sinks = [(p.stream, i) if p.job.stream else None for p, i in chunk]
+                streamer = _RowStreamer(self.generator.tokenizer, sinks, params.stop)
+            outs = self.generator.generate_batch(
+                [Request(p.job.text, chat=False, adapter=p.job.adapter) for p, _ in chunk], one, streamer)
+            for row, ((p, i), out) in enumerate(zip(chunk, outs)):
+                sent = streamer.sent_text(row) if streamer is not None and p.job.stream else ""
+                rest = out.text[len(sent):] if out.text.startswith(sent) else ""
+                p.stream.put(Chunk(i, rest, out.finish_reason, out.num_tokens))
+
+
+class VLLMEngine:
+    """vLLM's async engine: its own continuous batching; each job's adapter becomes a ``LoRARequest``.
+
+    Needs a CUDA GPU and ``pip install 'rr-ray[gpu]'``; not runnable (so not tested) on the CPU machines.
+    """
+
+    def __init__(self, model_dir: str | Path, adapters: list[str | None], dtype: str = "auto",
+                 max_lora_rank: int = 64, gpu_memory_utilization: float = 0.85, seed: int = 0, **_: Any) -> None:
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError as exc:
+            raise RuntimeError("serving backend vllm needs the gpu extra: pip install 'rr-ray[gpu]'") from exc
+        engine_args = AsyncEngineArgs(
+            model=str(model_dir), dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
+            max_lora_rank=max_lora_rank, max_loras=max(1, len([a for a in adapters if a])),
+            gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        self.engine = AsyncLLMEngine.from_engine_args(engine_args)
+        from rr_ray.models.loader import load_tokenizer
+
+        # Prompts arrive rendered (chat template applied): pass token ids so vLLM adds no second BOS,
+        # exactly as the hf engine tokenizes them (add_special_tokens=False).
+        self.tokenizer = load_tokenizer(model_dir)
+        self._tasks: set[asyncio.Future] = set()
+
+    def submit(self, job: Job) -> JobStream:
+        stream = JobStream()
+        task = asyncio.ensure_future(self._pump(job, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return stream
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()  # raises once the engine's background loop has died
+
+    async def _pump(self, job: Job, stream: JobStream) -> None:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        from rr_ray.generation.vllm_generator import VLLMGenerator
+
+        p = job.params
+        sampling = VLLMSamplingParams(n=p.n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
+                                      stop=list(p.stop) or None, seed=job.seed, ignore_eos=p.ignore_eos)
+        sent: dict[int, int] = {}  # characters already sent, per choice
+        finished: set[int] = set()
+        try:
+            # Outputs are cumulative per choice: send each choice's new text, and close it once it finishes.
+            prompt = {"prompt_token_ids": self.tokenizer(job.text, add_special_tokens=False)["input_ids"]}
+            async for out in self.engine.generate(prompt, sampling, request_id=uuid.uuid4().hex,
+                                                  lora_request=VLLMGenerator._lora(job.adapter)):
+                for o in out.outputs:
+                    if o.index in finished:
+                        continue
+                    new, sent[o.index] = o.text[sent.get(o.index, 0):], len(o.text)
+                    if o.finish_reason is None:
+                        if new:
+                            stream.put(Chunk(o.index, new))
+                    else:
+                        finished.add(o.index)
+                        reason = "length" if o.finish_reason == "length" else "stop"
+                        stream.put(Chunk(o.index, new, reason, len(o.token_ids)))
+        except Exception as exc:
+            stream.put(exc)
+            return
+        stream.put(_END)
+
+
+def make_engine(backend: str, model_dir: str | Path, adapters: list[str | None], **kwargs: Any) -> Engine:
+    """Build a serving engine by name; vLLM is imported only when chosen."""
+    if backend == "hf":
+        return HFEngine(model_dir, adapters, **kwargs)
+    if backend == "vllm":
+        return VLLMEngine(model_dir, adapters, **kwargs)
+    raise ValueError(f"unknown serving backend {backend!r} (expected 'hf' or 'vllm')")
+
+
+__all__ = ["Chunk", "Engine", "HFEngine", "Job", "JobStream", "VLLMEngine", "make_engine"]
