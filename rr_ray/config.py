@@ -195,6 +195,8 @@ class ReleaseConfig(_Section):
     )
     forget_path: str | None = Field(
         None, description="jsonl of {prompt, response} to forget; None = the run's reveal/forget.jsonl.")
+    forget_rows: int | None = Field(
+        None, ge=1, description="Train forget PEMs on at most this many rows (most relevant first; None = all).")
     retain_rows: int = Field(64, ge=1, description="Rows of the task's retain data per retain PEM.")
     eval_limit: int = Field(16, ge=1, description="Items per evaluation subset when scoring s and u.")
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per weight-sweep trial.")

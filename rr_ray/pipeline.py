@@ -137,8 +137,9 @@ def run_pipeline(cfg: RRConfig) -> dict[str, Any]:
     console.print(f"loaded {cfg.model.name_or_path}: {m['architecture']}, {m['parameters'] / 1e6:.1f} M parameters, "
                   f"{m['layers']} layers, hidden {m['hidden']} ({model_dir})")
     run = open_run(cfg)
+    address = cluster.connect(cfg.ray)
     summary: dict[str, Any] = {"model": cfg.model.name_or_path, "model_dir": model_dir, "run_dir": run.uri,
-                               "stages_s": {}}
+                               "ray": address, "stages_s": {}}
     stages = (("reveal", lambda: stage_reveal(cfg, run, model_dir)), ("release", lambda: stage_release(cfg, run)),
               ("evaluate", lambda: stage_evaluate(cfg, run)), ("export", lambda: stage_export(cfg, run)),
               ("report", lambda: stage_report(cfg, run)))

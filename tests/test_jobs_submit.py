@@ -95,7 +95,7 @@ def test_submitted_code_job_runs_the_pipeline_on_the_cluster(ray_head_with_dashb
     sub = _client([str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
                 "--runtime-env", "jobs/runtime_env.yaml", "--",
                 "python", "jobs/code_unlearn.py", "--config", "configs/tiny.yaml", "--set", f"run.dir={run_dir}"],
-               timeout=600)
+               timeout=1500)
     wall = time.perf_counter() - t0
     status = _job_status(address, job_id)
     out = sub.stdout + sub.stderr
@@ -112,18 +112,18 @@ def test_submitted_code_job_runs_the_pipeline_on_the_cluster(ray_head_with_dashb
     assert {"rr_ray", "jobs", "configs"} <= set(uploaded)
     assert not {".venv", "runs", ".git"} & set(uploaded), uploaded
 
-    # Whatever stages the pipeline has today each left their done-marker; the config is the resolved tiny one.
+    # Every stage left its done-marker; the config is the resolved tiny one.
     assert (run_dir / "run.yaml").is_file(), sorted(str(p) for p in run_dir.rglob("*"))
     cfg = yaml.safe_load((run_dir / "run.yaml").read_text())
     assert cfg["task"]["name"] == "code" and cfg["model"]["name_or_path"] == "smollm2-135m-instruct"
     markers = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "_done").glob("*.json"))}
     print(f"stage markers in {run_dir}: {sorted(markers)}")
-    assert markers, sorted(str(p) for p in run_dir.rglob("*"))
+    assert {"reveal", "release", "evaluate", "export", "report"} <= set(markers), sorted(markers)
     summary = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert summary["run_dir"] == str(run_dir)
-    if "generate" in markers:  # the job joined the head it was submitted to rather than starting its own Ray
-        assert markers["generate"]["ray"] not in ("local", "existing")
-        assert markers["generate"]["rows"] == cfg["task"]["num_contexts"] * cfg["generation"]["n"]
+    # The job joined the head it was submitted to rather than starting its own Ray.
+    assert summary["ray"] not in ("local", "existing")
+    assert (run_dir / "export/merged/config.json").is_file() and (run_dir / "report/report.md").is_file()
 
 
 def test_job_driver_leaves_the_jobs_env_vars_to_the_job(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,8 @@ decision and ``edit_log.json``; a rerun skips finished steps and resumes the unf
 
 Rule references (section 3.2, "compared to the beginning of the current iteration"): mu_i is judged
 against the model just before it; lambda_i is judged against the utility the model had before the forget
-step that preceded it, since the retain PEM exists to win back what that subtraction cost.
+step that preceded it, since the retain PEM exists to win back what that subtraction cost. Scores enter
+the rules divided by the base model's, so that s and u drops are comparable (see ``run_step``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def load_forget_rows(cfg: RRConfig, run: RunDir) -> list[dict[str, str]]:
     bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not r.get("prompt") or not r.get("response")]
     if bad or not rows:
         raise ValueError(f"{source}: {'no rows' if not rows else f'row {bad[0] + 1} lacks prompt/response'}")
+    if cfg.release.forget_rows is not None:  # keep the most relevant rows (a stable sort keeps file order on ties)
+        rows = sorted(rows, key=lambda r: -float(r.get("relevance", 1.0)))[: cfg.release.forget_rows]
     return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
 
 
@@ -124,19 +127,22 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
         run.write_json("release/base.json", {"s": base["s"], "u": base["u"]})
         trials = [t for t in trials if t["coef"] != 0.0]
     run.write_jsonl(f"release/{step}/trials.jsonl", trials)
-    candidates = [Candidate(t["coef"], t["s"], t["u"]) for t in trials]
+    # The rules see scores relative to the base model: the trade-off test (s drop > u drop) compares two
+    # differences, which only means something when s and u share a scale (the paper's are both accuracies).
+    s0, u0 = history[0]["s"], history[0]["u"]
+    candidates = [Candidate(t["coef"], t["s"] / s0, t["u"] / u0) for t in trials]
     prev = history[-1]
     if kind == "forget":
         ref = {"s": prev["s"], "u": prev["u"]}
-        decision = choose_forget(prev["s"], prev["u"], candidates, cfg.release.rules)
+        decision = choose_forget(prev["s"] / s0, prev["u"] / u0, candidates, cfg.release.rules)
     else:  # judged against the utility before the preceding forget step (see the module docstring)
         ref = {"s": prev["s"], "u": history[-2]["u"]}
-        decision = choose_retain(prev["s"], ref["u"], candidates, cfg.release.rules)
-    chosen = decision.candidate
+        decision = choose_retain(prev["s"] / s0, ref["u"] / u0, candidates, cfg.release.rules)
+    chosen = next(t for t in trials if t["coef"] == decision.coef)
     log = log.then(Edit(adapter=f"release/{step}/adapter", coef=decision.coef, kind=kind, step=step))
     _compose_to_run(log, run, f"release/{step}/composed", cfg.run.s3_endpoint_url)
     record = {"index": index, "step": step, "kind": kind, "coef": decision.coef, "accepted": decision.accepted,
-              "reason": decision.reason, "s": chosen.s, "u": chosen.u, "reference": ref, "trials": trials,
+              "reason": decision.reason, "s": chosen["s"], "u": chosen["u"], "reference": ref, "trials": trials,
               "train": train_info, "sweep_restored": result.restored,
               "seconds": {"train": round(t1 - t0, 1), "sweep": round(result.seconds, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
@@ -144,7 +150,7 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
     run.write_json(EDIT_LOG, log.to_json())
     run.mark_done(f"release-{step}", {"coef": decision.coef, "accepted": decision.accepted})
     mark = "accepted" if decision.accepted else "NOT accepted (best trade-off applied)"
-    console.print(f"release {step}: coefficient {decision.coef:+g} {mark}: s {chosen.s:.4g}, u {chosen.u:.4g} "
+    console.print(f"release {step}: coefficient {decision.coef:+g} {mark}: s {chosen['s']:.4g}, u {chosen['u']:.4g} "
                   f"({decision.reason})")
     return log, record
 
