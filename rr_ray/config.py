@@ -149,6 +149,9 @@ class RevealConfig(_Section):
     max_instruction_tokens: int = Field(32, ge=1, description="Greedy budget of a decoded instruction.")
     response_max_tokens: int = Field(128, ge=1, description="Token budget of one response f(C, P).")
     decode_batch_size: int = Field(16, ge=1, description="Candidates per batched instruction decoding.")
+    soft_prompt_scale: float = Field(
+        1.0, gt=0, description="Norm of each soft-prompt embedding, in units of the mean token-embedding norm "
+        "(larger = the soft prompt steers the decoded instruction more).")
 
 
 class LoraConfig(_Section):

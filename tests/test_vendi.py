@@ -1,0 +1,57 @@
+"""Vendi score: the incremental d x d form equals the direct n x n eigenvalue computation."""
+
+import numpy as np
+import pytest
+
+from rr_ray.reveal.vendi import VendiAccumulator, hill_number, vendi_score
+
+
+def _direct(x: np.ndarray, q: float) -> float:
+    """Textbook definition: eigenvalues of the n x n cosine-similarity matrix divided by n."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    lam = np.linalg.eigvalsh(x @ x.T / len(x))
+    lam = lam[lam > 1e-12]
+    if q == 1.0:
+        return float(np.exp(-(lam * np.log(lam)).sum()))
+    if np.isinf(q):
+        return float(1 / lam.max())
+    return float((lam**q).sum() ** (1 / (1 - q)))
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 2.0, np.inf])
+def test_incremental_equals_direct(q: float) -> None:
+    rng = np.random.default_rng(0)
+    kept, batch = rng.normal(size=(50, 16)), rng.normal(size=(5, 16))
+    acc = VendiAccumulator(16, q)
+    acc.add(kept[:30])
+    acc.add(kept[30:])
+    full = np.vstack([kept, batch])
+    assert acc.score_with(batch) == pytest.approx(_direct(full, q), rel=1e-9)
+    assert vendi_score(full, q) == pytest.approx(_direct(full, q), rel=1e-9)
+    assert acc.score() == pytest.approx(_direct(kept, q), rel=1e-9)
+    assert acc.n == 50  # score_with did not keep the batch
+    restored = VendiAccumulator.from_state(acc.state())
+    assert restored.score_with(batch) == acc.score_with(batch)
+
+
+def test_small_n_uses_n_by_n_and_agrees() -> None:
+    x = np.random.default_rng(1).normal(size=(4, 32))
+    assert vendi_score(x, 1.0) == pytest.approx(_direct(x, 1.0), rel=1e-9)
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 2.0, np.inf])
+def test_known_cases(q: float) -> None:
+    same = np.tile(np.random.default_rng(2).normal(size=(1, 8)), (6, 1))
+    assert vendi_score(same, q) == pytest.approx(1.0, abs=1e-9)
+    ortho = np.eye(8)[:5] * 3.0  # norms do not matter
+    assert vendi_score(ortho, q) == pytest.approx(5.0, rel=1e-9)
+    acc = VendiAccumulator(8, q)
+    acc.add(ortho[:2])
+    assert acc.score_with(ortho[2:]) == pytest.approx(5.0, rel=1e-9)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        hill_number(np.zeros(3))
+    with pytest.raises(ValueError, match="2-d"):
+        vendi_score(np.ones(3))
