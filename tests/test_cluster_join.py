@@ -1,4 +1,4 @@
-"""With RAY_ADDRESS set, the same `rr-ray run` joins that cluster instead of starting its own Ray."""
+"""With RAY_ADDRESS set, `rr-ray` joins that cluster instead of starting its own Ray."""
 
 import json
 import os
@@ -52,12 +52,12 @@ def test_run_joins_the_cluster_named_by_ray_address(ray_head: str, tiny_model_di
     # The head enabled token auth by itself; a client must say so (README, "Joining a cluster").
     env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
     res = subprocess.run(
-        [sys.executable, "-m", "rr_ray", "run", "--set", f"run.dir={tmp_path / 'run'}",
+        [sys.executable, "-m", "rr_ray", "reveal", "--set", f"run.dir={tmp_path / 'run'}",
          "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task.num_contexts=3",
-         "--set", "generation.max_new_tokens=4", "--set", "generation.cpus_per_actor=1",
-         "--set", "generation.dtype=float32"],
+         "--set", "reveal.mode=direct", "--set", "reveal.response_max_tokens=4",
+         "--set", "generation.cpus_per_actor=1", "--set", "generation.dtype=float32"],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["generate"]["ray"] == ray_head
-    assert summary["generate"]["rows"] == 3
+    assert summary["ray"] == ray_head
+    assert summary["forget_size"] == 3

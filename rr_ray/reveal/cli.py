@@ -17,7 +17,7 @@ def reveal_command(cfg: RRConfig, compare_plain: bool = False) -> int:
 
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
     run = open_run(cfg)
-    cluster.connect(cfg.ray)
+    address = cluster.connect(cfg.ray)
     pool = GeneratorPool(cfg.generation, model_dir, seed=cfg.run.seed)
     try:
         info = run_reveal(cfg, run, model_dir, pool=pool)
@@ -32,5 +32,5 @@ def reveal_command(cfg: RRConfig, compare_plain: bool = False) -> int:
     finally:
         pool.shutdown()
     console.print(f"run directory: [bold]{run.uri}[/bold]")
-    print(json.dumps(info))
+    print(json.dumps({**info, "ray": address}))
     return 0
