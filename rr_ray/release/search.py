@@ -9,6 +9,8 @@ directory, and a killed sweep resumes from Tune's experiment state (``Tuner.rest
 
 from __future__ import annotations
 
+import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -94,15 +96,16 @@ def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str
     trainable = tune.with_resources(score_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_path = f"{storage_path.rstrip('/')}/{name}"
     t0 = time.perf_counter()
+    space = {"coef": tune.grid_search([float(c) for c in coefs]), "model": model, "current": current,
+             "adapter": adapter, "kind": kind, "step": step, "task": task_cfg.model_dump(), "limit": limit,
+             "dtype": dtype, "threads": max(1, int(cpus_per_trial)), "endpoint_url": endpoint_url,
+             "cache_dir": cache_dir}
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if restored:  # a killed sweep: finished trials are kept, unfinished and errored ones run again
+        # The space goes along: trials the grid had not generated yet are made from it.
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
+                                   param_space=space, storage_filesystem=fs)
     else:
-        space = {"coef": tune.grid_search([float(c) for c in coefs]), "model": model, "current": current,
-                 "adapter": adapter, "kind": kind, "step": step, "task": task_cfg.model_dump(), "limit": limit,
-                 "dtype": dtype, "threads": max(1, int(cpus_per_trial)), "endpoint_url": endpoint_url,
-                 "cache_dir": cache_dir}
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=max_concurrent),
@@ -116,6 +119,18 @@ def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str
             errors.append(str(result.error).splitlines()[0])
         elif result.metrics and "s" in result.metrics:
             trials.append({k: float(result.metrics[k]) for k in ("coef", "s", "u", "seconds")})
+    if errors and restored:
+        # A sweep killed while Tune was creating a trial can leave it without its config; its results are
+        # cheap to recompute, so an experiment that does not restore cleanly is started again.
+        print(f"weight sweep {name}: restoring failed ({errors[0][:120]}); running it again", file=sys.stderr)
+        if fs is None:
+            shutil.rmtree(exp_path, ignore_errors=True)
+        else:
+            fs.delete_dir(exp_path)
+        return sweep(model=model, current=current, adapter=adapter, kind=kind, step=step, coefs=coefs,
+                     task_cfg=task_cfg, limit=limit, storage_uri=storage_uri, name=name, dtype=dtype,
+                     cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, endpoint_url=endpoint_url,
+                     cache_dir=cache_dir, max_concurrent=max_concurrent)
     if errors:
         raise RuntimeError(f"weight sweep {name}: {len(errors)} trial(s) failed: {errors[0]}")
     trials.sort(key=lambda t: (abs(t["coef"]), t["coef"]))
