@@ -38,12 +38,38 @@ def _cmd_evaluate(cfg: RRConfig, args: argparse.Namespace) -> int:
     from rr_ray.evaluation.evaluate import evaluate, metrics_table, write_result
     from rr_ray.pipeline import console
 
-    result = evaluate(cfg, adapter=args.adapter, limit=args.limit)
+    if args.edit_log and args.adapter:
+        raise ConfigError("evaluate: give --adapter or --edit-log, not both")
+    if args.edit_log:
+        result = _evaluate_edit_log(cfg, args.edit_log, args.limit)
+    else:
+        result = evaluate(cfg, adapter=args.adapter, limit=args.limit)
     console.print(metrics_table(result))
     console.print(f"written to [bold]{write_result(cfg, result)}[/bold] "
                   f"(forget {result['wall_s']['forget']} s, utility {result['wall_s']['utility']} s)")
     print(json.dumps(result))
     return 0
+
+
+def _evaluate_edit_log(cfg: RRConfig, path: str, limit: int | None) -> dict[str, Any]:
+    """Evaluate base + an edit log (its relative adapter paths are read against the log's folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from rr_ray.evaluation.evaluate import evaluate
+    from rr_ray.release.pem import EditLog, compose
+
+    log_path = Path(path)
+    if not log_path.is_file():
+        raise FileNotFoundError(f"--edit-log {path}: no such file")
+    try:
+        log = EditLog.load(log_path)
+    except ValueError as exc:
+        raise ConfigError(f"--edit-log {path}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="rr-ray-eval-") as tmp:
+        adapter = compose(log, Path(tmp) / "composed", root=log_path.parent)
+        result = evaluate(cfg, adapter=str(adapter) if adapter else None, limit=limit)
+    return result | {"adapter": None, "edit_log": str(log_path), "edits": len(log.edits)}
 
 
 def _cmd_release(cfg: RRConfig, args: argparse.Namespace) -> int:
@@ -117,6 +143,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=["code", "toxicity", "ner", "custom"], help="= --set task.name=T")
     p.add_argument("--model", help="= --set model.name_or_path=M")
     p.add_argument("--adapter", help="PEFT LoRA dir (a composed edit log) applied to the model; none = base")
+    p.add_argument("--edit-log", help="edit_log.json (a run's, or export/edit_log.json) composed onto the model")
     p.add_argument("--limit", type=int, help="at most N evaluation items per score (default: all)")
 
 
