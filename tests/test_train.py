@@ -48,34 +48,44 @@ def test_train_two_ddp_workers(tiny_model_dir: Path, tmp_path: Path, ray_local) 
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(since: float) -> list[psutil.Process]:
+    """Ray Train worker processes of this session started after ``since`` (earlier tests leave idle ones)."""
     out = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
+            if "RayTrainWorker" in " ".join(proc.cmdline()) and proc.create_time() >= since:
                 out.append(proc)
         except psutil.Error:
             pass
     return out
 
 
+EPOCHS = 40
+
+
 def test_killed_worker_resumes_from_checkpoint(tiny_model_dir: Path, tmp_path: Path, ray_local) -> None:
     box: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: box.update(res=_train(tmp_path, "killed", epochs=6,
+    started = time.time() - 1
+    # Enough epochs that the kill lands mid-run: a tiny-model epoch takes well under a second.
+    thread = threading.Thread(target=lambda: box.update(res=_train(tmp_path, "killed", epochs=EPOCHS,
                                                                     model_dir=str(tiny_model_dir))))
     thread.start()
     deadline = time.time() + 240
-    while not list((tmp_path / "ray-train").glob("killed/checkpoint_*")) and time.time() < deadline:
-        time.sleep(0.2)
-    workers = _train_workers()
+    # A checkpoint folder appears before Ray Train has committed it: wait until a third one shows up, by
+    # which time the first has been committed and is what a restarted group resumes from.
+    seen: set[str] = set()
+    while len(seen) < 3 and time.time() < deadline:
+        seen |= {p.name for p in (tmp_path / "ray-train").glob("killed/checkpoint_*")}
+        time.sleep(0.1)
+    workers = _train_workers(started)
     assert workers, "no Ray Train worker process found"
     os.kill(workers[0].pid, signal.SIGKILL)
     thread.join(timeout=600)
     res = box.get("res")
     assert res is not None, "training did not finish after the worker was killed"
-    assert res.steps == 6
+    assert res.steps == EPOCHS
     assert res.attempts >= 2, "the run did not resume from a checkpoint"
-    assert len(res.losses) == 6
+    assert len(res.losses) == EPOCHS
 
 
 @pytest.mark.gpu
