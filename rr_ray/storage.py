@@ -300,12 +300,14 @@ class RunDir:
             return None
 
 
-def localize(uri: str, *, endpoint_url: str | None = None, cache: str | os.PathLike[str] | None = None) -> Path:
+def localize(uri: str, *, endpoint_url: str | None = None, cache: str | os.PathLike[str] | None = None,
+             required: str | None = None) -> Path:
     """A local directory holding ``uri``'s files: the path itself when local, else a cached S3 download.
 
     Used by Ray workers (training, Tune trials, serving replicas), which may run on a node other than the
     driver's: they receive run-directory URIs and fetch what they read. Artifacts a run refers to by URI
-    are written once and never rewritten, so the cache is keyed by the URI alone.
+    are written once and never rewritten, so the cache is keyed by the URI alone. ``required`` names a file
+    that must be under the prefix (checked before anything is downloaded; FileNotFoundError otherwise).
     """
     if not uri.startswith("s3://"):
         path = Path(uri).expanduser()
@@ -316,8 +318,12 @@ def localize(uri: str, *, endpoint_url: str | None = None, cache: str | os.PathL
     target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (target / ".complete").is_file():
         return target
+    store = RunDir.open(uri, endpoint_url=endpoint_url)
+    if required and not store.exists(required):
+        raise FileNotFoundError(f"{uri}: no {required} under this prefix")
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
-    RunDir.open(uri, endpoint_url=endpoint_url).download_dir("", tmp)
+    store.download_dir("", tmp)
     (tmp / ".complete").write_text(uri)
     try:
         os.replace(tmp, target)

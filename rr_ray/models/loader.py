@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from rr_ray.models.packaged import PACKAGED, ModelNotFoundError, ensure_packaged
 
@@ -24,17 +22,12 @@ def cache_root(cache_dir: str | None = None) -> Path:
 
 
 def _from_s3(uri: str, root: Path, endpoint_url: str | None) -> Path:
-    from rr_ray.storage import RunDir
+    from rr_ray.storage import localize
 
-    target = root / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").is_file():
-            store = RunDir.open(uri, endpoint_url=endpoint_url)
-            if not store.exists("config.json"):
-                raise ModelNotFoundError(f"{uri}: no config.json under this prefix (not an HF model directory)")
-            store.download_dir("", target)
-    return target
+    try:
+        return localize(uri, endpoint_url=endpoint_url, cache=root, required="config.json")
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{uri}: no config.json under this prefix (not an HF model directory)") from None
 
 
 def _from_hub(hub_id: str, root: Path) -> Path:
