@@ -181,6 +181,9 @@ class RulesConfig(_Section):
 
     forget_ratio: float = Field(0.1, gt=0, le=1, description="Accept mu_i when s_i <= ratio * s_{i-1}.")
     retain_ratio: float = Field(0.95, gt=0, le=1, description="Accept lambda_i when u_i >= ratio * u_{i-1}.")
+    tradeoff: Literal["relative", "absolute"] = Field(
+        "relative", description="Forget trade-off test on fractional drops from the step's start (unit-free) or on "
+                                "the raw differences as the paper writes it (when s and u share a unit).")
 
 
 class ReleaseConfig(_Section):

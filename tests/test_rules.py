@@ -94,3 +94,19 @@ def test_sixty_percent_ablation_is_a_config_value(tmp_path) -> None:
     assert cfg.release.rules.forget_ratio == 0.4
     assert accept_forget(1.0, 1.0, 0.4, 0.0, cfg.release.rules)
     assert not accept_forget(1.0, 1.0, 0.4, 0.0, PAPER)
+
+
+def test_tradeoff_relative_is_unit_free_absolute_is_literal() -> None:
+    # s and u on different scales (likelihoods of different data): u loses 20 % of itself, s 40 %
+    prev_s, prev_u = 0.6, 0.01
+    cand = [Candidate(-2.0, 0.36, 0.008)]
+    rel = choose_forget(prev_s, prev_u, cand, PAPER)
+    assert rel.accepted and "40.0%" in rel.reason and "20.0%" in rel.reason
+    # rescaling u (a unit change) must not change the decision
+    assert accept_forget(prev_s, prev_u * 100, 0.36, 0.8, PAPER)
+    absolute = RulesConfig(tradeoff="absolute")
+    assert accept_forget(prev_s, prev_u, 0.36, 0.008, absolute)  # 0.24 > 0.002
+    assert not accept_forget(prev_s, prev_u * 1000, 0.36, 8.0, absolute)  # same change, u in other units
+    # s loses 17 %, u 30 %: the literal differences (0.1 > 0.003) accept what the fractional test rejects
+    assert accept_forget(prev_s, prev_u, 0.5, 0.007, absolute)
+    assert not accept_forget(prev_s, prev_u, 0.5, 0.007, PAPER)

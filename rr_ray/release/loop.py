@@ -9,8 +9,8 @@ decision and ``edit_log.json``; a rerun skips finished steps and resumes the unf
 
 Rule references (section 3.2, "compared to the beginning of the current iteration"): mu_i is judged
 against the model just before it; lambda_i is judged against the utility the model had before the forget
-step that preceded it, since the retain PEM exists to win back what that subtraction cost. Scores enter
-the rules divided by the base model's, so that s and u drops are comparable (see ``run_step``).
+step that preceded it, since the retain PEM exists to win back what that subtraction cost. How the forget
+trade-off test compares an s drop with a u drop is ``release.rules.tradeoff`` (see ``rules.py``).
 """
 
 from __future__ import annotations
@@ -127,17 +127,14 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
         run.write_json("release/base.json", {"s": base["s"], "u": base["u"]})
         trials = [t for t in trials if t["coef"] != 0.0]
     run.write_jsonl(f"release/{step}/trials.jsonl", trials)
-    # The rules see scores relative to the base model: the trade-off test (s drop > u drop) compares two
-    # differences, which only means something when s and u share a scale (the paper's are both accuracies).
-    s0, u0 = history[0]["s"], history[0]["u"]
-    candidates = [Candidate(t["coef"], t["s"] / s0, t["u"] / u0) for t in trials]
+    candidates = [Candidate(t["coef"], t["s"], t["u"]) for t in trials]
     prev = history[-1]
     if kind == "forget":
         ref = {"s": prev["s"], "u": prev["u"]}
-        decision = choose_forget(prev["s"] / s0, prev["u"] / u0, candidates, cfg.release.rules)
+        decision = choose_forget(ref["s"], ref["u"], candidates, cfg.release.rules)
     else:  # judged against the utility before the preceding forget step (see the module docstring)
         ref = {"s": prev["s"], "u": history[-2]["u"]}
-        decision = choose_retain(prev["s"] / s0, ref["u"] / u0, candidates, cfg.release.rules)
+        decision = choose_retain(ref["s"], ref["u"], candidates, cfg.release.rules)
     chosen = next(t for t in trials if t["coef"] == decision.coef)
     log = log.then(Edit(adapter=f"release/{step}/adapter", coef=decision.coef, kind=kind, step=step))
     _compose_to_run(log, run, f"release/{step}/composed", cfg.run.s3_endpoint_url)

@@ -7,6 +7,10 @@ are the scores at the beginning of the current step. The paper's rules:
   retain (lambda_i): u_i >= 0.95 * u_{i-1}
 
 with 0.1 / 0.95 = RulesConfig.forget_ratio / retain_ratio (forget_ratio 0.4 = the 60 % ablation, section 5.2).
+The trade-off test subtracts a utility drop from a forget drop, which compares like with like only when s and u
+share a unit (the paper's are both pass@1). ``tradeoff: relative`` (default) compares the fractional drops from
+the start of the step, (s_{i-1} - s_i) / s_{i-1} > (u_{i-1} - u_i) / u_{i-1}, which is unit-free;
+``tradeoff: absolute`` is the paper's formula as written, for tasks whose s and u are in one unit.
 Among accepted candidates the smallest |coefficient| wins: the gentlest edit that meets the rule. When none is
 accepted the best trade-off is returned with accepted=False, so the caller can log and decide.
 """
@@ -41,11 +45,18 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def tradeoff_margin(prev_s: float, prev_u: float, s: float, u: float, rules: RulesConfig) -> float:
+    """Forget drop minus utility drop, fractional or absolute per ``rules.tradeoff``; > 0 passes the test."""
+    if rules.tradeoff == "absolute":
+        return (prev_s - s) - (prev_u - u)
+    return (prev_s - s) / prev_s - (prev_u - u) / prev_u if prev_s > 0 and prev_u > 0 else -math.inf
+
+
 def accept_forget(prev_s: float, prev_u: float, s: float, u: float, rules: RulesConfig) -> bool:
     """Forget rule: enough forgetting, or more forget score lost than utility lost."""
     if not _finite(prev_s, prev_u, s, u):
         return False
-    return s <= rules.forget_ratio * prev_s or (prev_s - s) > (prev_u - u)
+    return s <= rules.forget_ratio * prev_s or tradeoff_margin(prev_s, prev_u, s, u, rules) > 0
 
 
 def accept_retain(prev_u: float, u: float, rules: RulesConfig) -> bool:
@@ -56,6 +67,13 @@ def accept_retain(prev_u: float, u: float, rules: RulesConfig) -> bool:
 def _require(candidates: Sequence[Candidate]) -> None:
     if not candidates:
         raise ValueError("no candidates to choose a merge weight from")
+
+
+def _drops(prev_s: float, prev_u: float, c: Candidate, rules: RulesConfig) -> str:
+    if rules.tradeoff == "absolute":
+        return f"forget drop {prev_s - c.s:.4g} vs utility drop {prev_u - c.u:.4g}"
+    return (f"forget drop {(prev_s - c.s) / prev_s:.1%} vs utility drop {(prev_u - c.u) / prev_u:.1%}"
+            if prev_s > 0 and prev_u > 0 else "previous scores not positive")
 
 
 def _smallest(accepted: list[Candidate]) -> Candidate:
@@ -69,13 +87,13 @@ def choose_forget(prev_s: float, prev_u: float, candidates: Sequence[Candidate],
     if accepted:
         c = _smallest(accepted)
         why = (f"s {c.s:.4g} <= {rules.forget_ratio:g} * {prev_s:.4g}" if c.s <= rules.forget_ratio * prev_s
-               else f"forget drop {prev_s - c.s:.4g} > utility drop {prev_u - c.u:.4g}")
+               else f"{_drops(prev_s, prev_u, c, rules)}")
         return Decision(c.coef, True, f"smallest |coef| accepted of {len(accepted)}/{len(candidates)}: {why}", c)
     scored = [c for c in candidates if _finite(c.s, c.u)] or list(candidates)
-    c = max(scored, key=lambda c: ((prev_s - c.s) - (prev_u - c.u) if _finite(c.s, c.u) else -math.inf,
-                                   -abs(c.coef)))
-    return Decision(c.coef, False, (f"no candidate met the forget rule; best trade-off (s drop - u drop = "
-                                    f"{(prev_s - c.s) - (prev_u - c.u):.4g}) reported, not accepted"), c)
+    c = max(scored, key=lambda c: (tradeoff_margin(prev_s, prev_u, c.s, c.u, rules) if _finite(c.s, c.u)
+                                   else -math.inf, -abs(c.coef)))
+    return Decision(c.coef, False, (f"no candidate met the forget rule; best trade-off ({_drops(prev_s, prev_u, c, rules)}"
+                                    f") reported, not accepted"), c)
 
 
 def choose_retain(prev_s: float, prev_u: float, candidates: Sequence[Candidate], rules: RulesConfig) -> Decision:
