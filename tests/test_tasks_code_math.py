@@ -70,3 +70,16 @@ def test_asdiv_numeric_rows_and_disjoint_math_split() -> None:
     held = {r["question"] for r in util.eval_rows}
     retain = util.retain_data(10_000)
     assert len(held) >= 400 and not any(r["prompt"].split("\n")[0] in held for r in retain)
+
+
+def test_validation_and_test_parts_are_disjoint_halves() -> None:
+    from rr_ray.tasks.base import limited
+
+    items = list(range(10))
+    assert limited(items, None) == [0, 2, 4, 6, 8]
+    assert limited(items, 3, "validation") == [1, 3, 5]
+    assert not set(limited(items, None)) & set(limited(items, None, "validation"))
+    assert limited([7], 4, "validation") == [7]  # one item serves both halves
+    code = get_task(TaskConfig(name="code"))
+    assert not set(p["task_id"] for p in limited(code.eval_problems, 8)) & \
+        set(p["task_id"] for p in limited(code.eval_problems, 8, "validation"))

@@ -52,8 +52,9 @@ def score_edit_log(log: EditLog, *, model_dir: str, task_cfg: TaskConfig, limit:
         # A unique dir per candidate: the scorer's generator caches adapters by path.
         adapter = compose(log, Path(tmp) / uuid.uuid4().hex)
         adapter_path = str(adapter) if adapter else None
-        forget = task.forget_score(scorer, adapter_path, limit, full=False)
-        utility = task.utility_score(scorer, adapter_path, limit, full=False)
+        # weights are chosen on the validation half; evaluation reports the test half
+        forget = task.forget_score(scorer, adapter_path, limit, full=False, part="validation")
+        utility = task.utility_score(scorer, adapter_path, limit, full=False, part="validation")
     return {"s": float(forget["s"]), "u": float(utility["u"])}
 
 

@@ -6,14 +6,16 @@ one composed adapter), retain data for the retain PEMs and, where it exists, ext
 PEM-external baseline. ``forget_score`` returns a dict whose ``"s"`` is the scalar the threshold rules use;
 ``utility_score`` one whose ``"u"`` is. Every other key is a table column (paper Tables 2-4). With
 ``full=False`` a task may skip every metric that ``s``/``u`` do not need (the weight sweep scores many
-candidates and reads only those two).
+candidates and reads only those two). ``part`` picks which half of the held-out items is scored: the
+merge-weight sweep chooses on "validation", evaluation reports "test", so no reported figure is scored on
+the items its weights were chosen on.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from rr_ray.config import TaskConfig
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
 
 T = TypeVar("T")
+Part = Literal["test", "validation"]
 SPLIT_SEED = 1234  # fixed: the context/eval split must not move with run.seed, or C could leak into eval
 
 
@@ -33,10 +36,10 @@ class Task(Protocol):
     def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                     full: bool = True) -> dict[str, Any]: ...
+                     full: bool = True, part: Part = "test") -> dict[str, Any]: ...
 
     def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                      full: bool = True) -> dict[str, Any]: ...
+                      full: bool = True, part: Part = "test") -> dict[str, Any]: ...
 
     def retain_data(self, n: int) -> list[dict[str, str]]: ...
 
@@ -68,8 +71,12 @@ def sample(pool: Sequence[T], n: int, seed: int) -> list[T]:
     return random.Random(seed).sample(list(pool), min(n, len(pool)))
 
 
-def limited(items: Sequence[T], limit: int | None) -> list[T]:
-    return list(items if limit is None else items[:limit])
+def limited(items: Sequence[T], limit: int | None, part: Part = "test") -> list[T]:
+    """The first ``limit`` items of one half of the held-out ``items``: "test" the even positions,
+    "validation" the odd ones, so both halves keep the list's order (e.g. challenging prompts first); a
+    single item serves both."""
+    chosen = items[0::2] if part == "test" or len(items) < 2 else items[1::2]
+    return list(chosen if limit is None else chosen[:limit])
 
 
 def get_task(cfg: TaskConfig) -> Task:

@@ -19,7 +19,7 @@ from rr_ray.evaluation.sandbox import SandboxLimits, run_many
 from rr_ray.evaluation.scoring import likelihood_score
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
-from rr_ray.tasks.base import limited, sample, split
+from rr_ray.tasks.base import Part, limited, sample, split
 from rr_ray.tasks.math import MathUtility
 
 if TYPE_CHECKING:
@@ -134,9 +134,9 @@ class CodeTask:
         return scores
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                     full: bool = True) -> dict[str, Any]:
+                     full: bool = True, part: Part = "test") -> dict[str, Any]:
         """Greedy pass@1 on held-out problems, and ``s`` = likelihood of their canonical solutions."""
-        problems = limited(self.eval_problems, limit)
+        problems = limited(self.eval_problems, limit, part)
         prompts = [CODE_TEMPLATE.format(prompt=p["prompt"]) for p in problems]
         refs = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
         mean_ll = scorer.mean_token_loglik(prompts, refs, adapter)
@@ -150,8 +150,8 @@ class CodeTask:
         return out
 
     def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                      full: bool = True) -> dict[str, Any]:
-        return self.utility.score(scorer, adapter, limit, full)
+                      full: bool = True, part: Part = "test") -> dict[str, Any]:
+        return self.utility.score(scorer, adapter, limit, full, part)
 
     def retain_data(self, n: int) -> list[dict[str, str]]:
         return self.utility.retain_data(n)

@@ -19,7 +19,7 @@ from rr_ray.config import ConfigError, CustomTargetConfig, TaskConfig
 from rr_ray.evaluation.scoring import likelihood_score
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
-from rr_ray.tasks.base import limited, sample, split, unique
+from rr_ray.tasks.base import Part, limited, sample, split, unique
 
 if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
@@ -127,16 +127,16 @@ class CustomTask:
         return self.oracle(list(responses))
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                     full: bool = True) -> dict[str, Any]:
-        prompts = limited(self.eval_prompts, limit)
+                     full: bool = True, part: Part = "test") -> dict[str, Any]:
+        prompts = limited(self.eval_prompts, limit, part)
         outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
         rel = self.oracle([o[0] for o in outs])
         return {"s": sum(rel) / len(rel), "relevant_rate": sum(r >= 0.5 for r in rel) / len(rel),
                 "eval_prompts": len(prompts)}
 
     def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                      full: bool = True) -> dict[str, Any]:
-        rows = limited(self.retain_eval, limit)
+                      full: bool = True, part: Part = "test") -> dict[str, Any]:
+        rows = limited(self.retain_eval, limit, part)
         if not rows:
             raise ConfigError("task.custom.retain_path: the utility score needs at least 2 retain rows")
         mean_ll = scorer.mean_token_loglik([r["prompt"] for r in rows], [r["response"] for r in rows], adapter)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rr_ray.evaluation.scoring import likelihood_score
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
-from rr_ray.tasks.base import limited, split, unique
+from rr_ray.tasks.base import Part, limited, split, unique
 
 if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
@@ -85,8 +85,8 @@ class MathUtility:
                 for r in self.retain_rows[:n]]
 
     def score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-              full: bool = True) -> dict[str, Any]:
-        rows = limited(self.eval_rows, limit)
+              full: bool = True, part: Part = "test") -> dict[str, Any]:
+        rows = limited(self.eval_rows, limit, part)
         prompts = [MATH_TEMPLATE.format(question=r["question"]) for r in rows]
         # Answer likelihood is the continuous utility: accuracy of a 135M model is small and noisy.
         mean_ll = scorer.mean_token_loglik(prompts, [r["answer"] for r in rows], adapter)

@@ -19,7 +19,7 @@ from rr_ray.evaluation.metrics import entity_f1
 from rr_ray.evaluation.scoring import likelihood_score
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
-from rr_ray.tasks.base import limited, sample, split, unique
+from rr_ray.tasks.base import Part, limited, sample, split, unique
 
 if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
@@ -155,9 +155,9 @@ class NerTask:
         return out
 
     def _scores_by_type(self, scorer: Scorer, adapter: str | None, limit: int | None, types: Sequence[str],
-                        full: bool = True) -> dict[str, dict[str, float]]:
+                        full: bool = True, part: Part = "test") -> dict[str, dict[str, float]]:
         """Per type: the mean token log-likelihood of the gold JSON list and (full) entity F1 of greedy answers."""
-        docs = limited(self.eval_docs, limit)
+        docs = limited(self.eval_docs, limit, part)
         prompts = [NER_TEMPLATE.format(text=d["text"], etype=t) for t in types for d in docs]
         golds = [json.dumps(d["entities"][t]) for t in types for d in docs]
         preds = None
@@ -167,27 +167,27 @@ class NerTask:
             preds = [parse_entities(o[0]) for o in outs]
         result: dict[str, dict[str, float]] = {}
         for i, t in enumerate(types):
-            part = slice(i * len(docs), (i + 1) * len(docs))
-            scores = entity_f1(preds[part], [d["entities"][t] for d in docs]) if preds is not None else {}
-            scores["loglik"] = scorer.mean_token_loglik(prompts[part], golds[part], adapter)
+            rows = slice(i * len(docs), (i + 1) * len(docs))
+            scores = entity_f1(preds[rows], [d["entities"][t] for d in docs]) if preds is not None else {}
+            scores["loglik"] = scorer.mean_token_loglik(prompts[rows], golds[rows], adapter)
             result[t] = scores
         return result
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                     full: bool = True) -> dict[str, Any]:
+                     full: bool = True, part: Part = "test") -> dict[str, Any]:
         """``s`` = likelihood of the gold Person lists: Person F1 (the paper's metric, also reported) sits
         at ~0 on the 135M default model, too flat for the threshold rules (ASSETS.md)."""
-        r = self._scores_by_type(scorer, adapter, limit, [FORGET_TYPE], full)[FORGET_TYPE]
+        r = self._scores_by_type(scorer, adapter, limit, [FORGET_TYPE], full, part)[FORGET_TYPE]
         out = {"s": likelihood_score(r["loglik"]), "person_answer_loglik": r["loglik"],
-               "ner_sentences": len(limited(self.eval_docs, limit))}
+               "ner_sentences": len(limited(self.eval_docs, limit, part))}
         if full:
             out |= {"person_f1": r["f1"], "person_precision": r["precision"], "person_recall": r["recall"]}
         return out
 
     def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                      full: bool = True) -> dict[str, Any]:
+                      full: bool = True, part: Part = "test") -> dict[str, Any]:
         """``u`` = mean over the kept types of the gold-list likelihood; their F1s are reported too."""
-        by_type = self._scores_by_type(scorer, adapter, limit, RETAIN_TYPES, full)
+        by_type = self._scores_by_type(scorer, adapter, limit, RETAIN_TYPES, full, part)
         out: dict[str, Any] = {}
         if full:
             out = {f"{t.lower()}_f1": v["f1"] for t, v in by_type.items()}

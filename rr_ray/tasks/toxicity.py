@@ -17,7 +17,7 @@ from rr_ray.config import TaskConfig
 from rr_ray.evaluation.metrics import perplexity, toxicity_stats
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
-from rr_ray.tasks.base import limited, sample, split, unique
+from rr_ray.tasks.base import Part, limited, sample, split, unique
 
 if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
@@ -63,9 +63,9 @@ class ToxicityTask:
         return self.oracle(list(responses)) if responses else []
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                     full: bool = True) -> dict[str, Any]:
+                     full: bool = True, part: Part = "test") -> dict[str, Any]:
         """Expected max toxicity (``s``), toxicity rate (> 0.5) and severe rate (> 0.8) over k samples."""
-        rows = limited(self.eval_rows, limit)
+        rows = limited(self.eval_rows, limit, part)
         params = SamplingParams(max_new_tokens=self.cfg.toxicity_max_new_tokens, temperature=1.0,
                                 top_p=self.cfg.toxicity_top_p, n=self.cfg.toxicity_samples, seed=0)
         outs = scorer.generate([r["text"] for r in rows], params, adapter, chat=False)
@@ -81,9 +81,9 @@ class ToxicityTask:
         return result
 
     def utility_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
-                      full: bool = True) -> dict[str, Any]:
+                      full: bool = True, part: Part = "test") -> dict[str, Any]:
         """Perplexity of held-out Wikipedia lines; ``u`` = 1/perplexity so that higher is better."""
-        lines = limited(self.wiki_eval, None if limit is None else 5 * limit)
+        lines = limited(self.wiki_eval, None if limit is None else 5 * limit, part)
         pairs = scorer.loglik([""] * len(lines), lines, adapter, chat=False)
         ppl = perplexity(sum(n for n, _ in pairs), sum(t for _, t in pairs))
         return {"u": 1.0 / ppl, "perplexity": ppl, "wiki_lines": len(lines)}
