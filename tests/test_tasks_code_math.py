@@ -83,3 +83,13 @@ def test_validation_and_test_parts_are_disjoint_halves() -> None:
     code = get_task(TaskConfig(name="code"))
     assert not set(p["task_id"] for p in limited(code.eval_problems, 8)) & \
         set(p["task_id"] for p in limited(code.eval_problems, 8, "validation"))
+
+
+def test_cut_off_code_counts_as_code_only_when_valid_so_far() -> None:
+    from rr_ray.tasks.code import is_code
+
+    assert is_code('```python\ndef f(n):\n    """Return the\n    sum of')  # budget ran out in the docstring
+    assert is_code("```python\ndef f(n):\n    return (n +\n        1")  # inside an open bracket
+    assert not is_code("```python\ndef f(n):\n    return n +\n    x = = 2\n    y")  # broken before the cut
+    assert not is_code('```python\nprint("no function"')  # valid so far but defines nothing
+    assert not is_code("```python\ndef f(n):\n    return n +\n```")  # closed fence: must parse whole

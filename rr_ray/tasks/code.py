@@ -8,7 +8,9 @@ Utility is math (:mod:`rr_ray.tasks.math`). Model-written code only ever runs in
 from __future__ import annotations
 
 import ast
+import codeop
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +52,35 @@ def parses(code: str) -> bool:
     except (SyntaxError, ValueError):
         return False
     return True
+
+
+def cut_off(response: str) -> bool:
+    """A reply whose last code fence is never closed: it ran into the token budget mid-code."""
+    return response.count("```") % 2 == 1
+
+
+def begins_program(code: str) -> bool:
+    """Valid Python so far, possibly unfinished (open docstring, open block), once the last, possibly
+    partial, line is dropped."""
+    for text in (code, code.rsplit("\n", 1)[0]):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences in model code
+                codeop.compile_command(text, symbol="exec")
+        except (SyntaxError, ValueError, OverflowError):
+            continue
+        return True
+    return False
+
+
+def is_code(response: str) -> bool:
+    """The reply is Python that defines a function; a reply cut off by the token budget counts when what it
+    wrote so far is a valid beginning of such a program (the relevance oracle measures the behaviour, not
+    whether it fit the budget)."""
+    code = extract_code(response)
+    if re.search(r"^\s*def \w+", code, re.MULTILINE) is None:
+        return False
+    return parses(code) or (cut_off(response) and begins_program(code))
 
 
 def build_test_program(problem: dict[str, Any], code: str) -> str:
@@ -122,7 +153,7 @@ class CodeTask:
         scores, runs = [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             code = extract_code(response)
-            ok = parses(code) and re.search(r"^\s*def \w+", code, re.MULTILINE) is not None
+            ok = is_code(response)
             problem = self.problem_for(prompt)
             if problem is not None and parses(build_test_program(problem, code)):
                 runs.append((i, build_test_program(problem, code)))
