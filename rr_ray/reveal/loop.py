@@ -208,6 +208,11 @@ def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer,
                 run.write_jsonl("reveal/steps.jsonl", history)
                 bar.advance(step_id)
                 steps_run += 1
+                if progress:  # one line per step too: a log file (ray job logs) shows no live bar
+                    top = max(scored, key=lambda s: s.score)
+                    bar.console.print(f"reveal outer {outer + 1}/{rc.outer_iterations} inner {inner + 1}/"
+                                      f"{rc.inner_iterations}: score {top.score:.3f} (relevance {top.tau:.2f}, "
+                                      f"diversity {top.v:.2f}) {top.instruction[:70]!r}", soft_wrap=True)
             # Lines 15-18: P* of this outer loop, answered on all of C, joins D_self-gen.
             mine = [h for h in history if h["outer"] == outer]
             star = max(mine, key=lambda h: (h["score"], -h["cand"]))
