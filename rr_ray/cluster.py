@@ -43,5 +43,8 @@ def connect(cfg: RayConfig | None = None) -> str:
         return address
     # Keep every port of a local Ray on loopback (Ray otherwise binds the interface address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **common)
+    # The dashboard serves the state API that Ray Train V2's placement-group cleaner polls every second;
+    # without it the cleaner logs a warning per second for the rest of the run. Port: 8265 or the next free.
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", **common)
     return "local"

@@ -122,3 +122,30 @@ def test_bad_run_of_other_config_is_refused(tmp_path: Path, tiny_model_dir: Path
     other.reveal.alpha = 0.3
     with pytest.raises(ConfigError, match="different config"):
         open_run(other)
+
+
+def test_compare_with_plain_scores_both_baselines(tmp_path: Path, tiny_model_dir: Path, ray_local) -> None:
+    from rr_ray.reveal.compare import compare_with_plain
+
+    cfg_path = _config(tmp_path, tiny_model_dir, tmp_path / "cmp")
+    _reveal(cfg_path, tiny_model_dir)
+    cfg = load_config(cfg_path)
+    run = open_run(cfg)
+    pool = GeneratorPool(cfg.generation, str(tiny_model_dir), seed=cfg.run.seed)
+    try:
+        result = compare_with_plain(cfg, run, pool)
+    finally:
+        pool.shutdown()
+    run_dir = Path(cfg.run.dir)
+    forget = [json.loads(line) for line in (run_dir / "reveal/forget.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (run_dir / "reveal/plain_responses.jsonl").read_text().splitlines()]
+    n = len(forget)
+    assert result["reveal"]["n"] == result["plain"]["n"] == result["plain_fresh"]["n"] == n
+    # the controlled baseline answers exactly the forget rows' contexts, with no instruction
+    assert [p["prompt"] for p in plain if p["baseline"] == "plain"] == [r["context"] for r in forget]
+    assert result["plain"]["distinct_contexts"] == result["reveal"]["distinct_contexts"] == 4
+    fresh = [p["prompt"] for p in plain if p["baseline"] == "plain_fresh"]
+    assert len(fresh) == n and result["plain_fresh"]["distinct_contexts"] == len(set(fresh))
+    for side in ("reveal", "plain", "plain_fresh"):
+        assert 1.0 <= result[side]["vendi"] <= n and 0.0 <= result[side]["mean_relevance"] <= 1.0
+    assert json.loads((run_dir / "reveal/compare_plain.json").read_text()) == result
