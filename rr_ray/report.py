@@ -18,7 +18,7 @@ from rr_ray.release.loop import step_label, steps_markdown
 from rr_ray.storage import DONE_DIR, RunDir
 
 STAGE = "report"
-STAGES = ("generate", "reveal", "release", "evaluate", "export")  # pipeline order
+STAGES = ("reveal", "release", "evaluate", "export")  # pipeline order
 NOT_RUN = "not run"
 
 
@@ -65,7 +65,8 @@ def eval_section(base: dict[str, Any] | None, final: dict[str, Any] | None) -> s
     lines.append("| change | " + " | ".join(_change(get(base, s, k), get(final, s, k)) for s, k in cols) + " |")
     limit = final.get("limit")
     note = (f"Task `{final.get('task')}`; s is the forget score (lower = more forgotten), u the utility score "
-            f"(higher = better kept); {'all' if limit is None else f'at most {limit}'} items per score. "
+            f"(higher = better kept); {'all' if limit is None else f'at most {limit}'} items per score, from the "
+            f"test half of the held-out items (the merge weights were chosen on the other half). "
             f"Final model: base + `{final.get('adapter')}`.")
     return "## Base vs unlearned model\n\n" + "\n".join(lines) + "\n\n" + note + "\n"
 
@@ -121,8 +122,8 @@ def release_section(run: RunDir) -> str:
         summary = (f"\nForget score s {info['s_base']:.4g} → {info['s_final']:.4g} (down "
                    f"{100 * info['forget_drop']:.1f} %), utility u {info['u_base']:.4g} → {info['u_final']:.4g} "
                    f"({100 * info['utility_kept']:.1f} % of base kept), {info['steps']} steps.\n")
-    return ("## Release steps (equation 1)\n\nScores on the Release sweep's evaluation items; rows in the order of "
-            "equation 1.\n\n" + table.rstrip() + "\n" + summary + "\nTraining and coefficient sweep per step:\n\n"
+    return ("## Release steps (equation 1)\n\nScores on the validation half of the held-out items (where the "
+            "sweep chose each weight); rows in the order of equation 1.\n\n" + table.rstrip() + "\n" + summary + "\nTraining and coefficient sweep per step:\n\n"
             + "\n".join(lines) + "\n")
 
 
