@@ -123,8 +123,8 @@ def release_section(run: RunDir) -> str:
                    f"{100 * info['forget_drop']:.1f} %), utility u {info['u_base']:.4g} → {info['u_final']:.4g} "
                    f"({100 * info['utility_kept']:.1f} % of base kept), {info['steps']} steps.\n")
     return ("## Release steps (equation 1)\n\nScores on the validation half of the held-out items (where the "
-            "sweep chose each weight); rows in the order of equation 1.\n\n" + table.rstrip() + "\n" + summary + "\nTraining and coefficient sweep per step:\n\n"
-            + "\n".join(lines) + "\n")
+            "sweep chose each weight); rows in the order of equation 1.\n\n" + table.rstrip() + "\n" + summary
+            + "\nTraining and coefficient sweep per step:\n\n" + "\n".join(lines) + "\n")
 
 
 def instructions_section(run: RunDir) -> str:

@@ -81,8 +81,8 @@ def test_validation_and_test_parts_are_disjoint_halves() -> None:
     assert not set(limited(items, None)) & set(limited(items, None, "validation"))
     assert limited([7], 4, "validation") == [7]  # one item serves both halves
     code = get_task(TaskConfig(name="code"))
-    assert not set(p["task_id"] for p in limited(code.eval_problems, 8)) & \
-        set(p["task_id"] for p in limited(code.eval_problems, 8, "validation"))
+    assert not {p["task_id"] for p in limited(code.eval_problems, 8)} & \
+        {p["task_id"] for p in limited(code.eval_problems, 8, "validation")}
 
 
 def test_cut_off_code_counts_as_code_only_when_valid_so_far() -> None:

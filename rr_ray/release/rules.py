@@ -87,13 +87,13 @@ def choose_forget(prev_s: float, prev_u: float, candidates: Sequence[Candidate],
     if accepted:
         c = _smallest(accepted)
         why = (f"s {c.s:.4g} <= {rules.forget_ratio:g} * {prev_s:.4g}" if c.s <= rules.forget_ratio * prev_s
-               else f"{_drops(prev_s, prev_u, c, rules)}")
+               else _drops(prev_s, prev_u, c, rules))
         return Decision(c.coef, True, f"smallest |coef| accepted of {len(accepted)}/{len(candidates)}: {why}", c)
     scored = [c for c in candidates if _finite(c.s, c.u)] or list(candidates)
     c = max(scored, key=lambda c: (tradeoff_margin(prev_s, prev_u, c.s, c.u, rules) if _finite(c.s, c.u)
                                    else -math.inf, -abs(c.coef)))
-    return Decision(c.coef, False, (f"no candidate met the forget rule; best trade-off ({_drops(prev_s, prev_u, c, rules)}"
-                                    f") reported, not accepted"), c)
+    return Decision(c.coef, False, f"no candidate met the forget rule; best trade-off "
+                                   f"({_drops(prev_s, prev_u, c, rules)}) reported, not accepted", c)
 
 
 def choose_retain(prev_s: float, prev_u: float, candidates: Sequence[Candidate], rules: RulesConfig) -> Decision:
