@@ -27,9 +27,10 @@ SIDES = {"reveal": "forget set (reveal)", "plain": "plain prompt, same contexts"
          "plain_fresh": "plain prompt, fresh contexts"}
 
 
-def _stats(prompts: list[str], responses: list[str], task: Any, cfg: RRConfig) -> dict[str, Any]:
+def _stats(prompts: list[str], contexts: list[str], responses: list[str], task: Any, cfg: RRConfig
+           ) -> dict[str, Any]:
     rel = [float(r) for r in task.relevance(prompts, responses)]
-    return {"n": len(responses), "distinct_contexts": len(set(prompts)), "mean_relevance": float(np.mean(rel)),
+    return {"n": len(responses), "distinct_contexts": len(set(contexts)), "mean_relevance": float(np.mean(rel)),
             "vendi": vendi_score(embed(responses, cfg.reveal.embedder), cfg.reveal.vendi_q)}
 
 
@@ -47,10 +48,9 @@ def compare_with_plain(cfg: RRConfig, run: RunDir, pool: Any) -> dict[str, Any]:
     texts = [o[0].text for o in outs]
     same_y, fresh_y = texts[: len(same)], texts[len(same):]
     result = {
-        "reveal": {**_stats([r["prompt"] for r in forget], [r["response"] for r in forget], task, cfg),
-                   "distinct_contexts": len(set(same))},
-        "plain": _stats(same, same_y, task, cfg),
-        "plain_fresh": _stats(fresh, fresh_y, task, cfg),
+        "reveal": _stats([r["prompt"] for r in forget], same, [r["response"] for r in forget], task, cfg),
+        "plain": _stats(same, same, same_y, task, cfg),
+        "plain_fresh": _stats(fresh, fresh, fresh_y, task, cfg),
         "task": cfg.task.name,
     }
     run.write_json("reveal/compare_plain.json", result)
