@@ -47,6 +47,25 @@ def test_relevance_runs_tests_in_the_sandbox(code: CodeTask) -> None:
     assert code.relevance(prompts[:1], [hostile]) == [IS_CODE]  # contained, counted as a failure
 
 
+def test_relevance_credits_the_share_of_assertions_passed(code: CodeTask) -> None:
+    # A hand-made problem with four assertions: the reply below gets exactly the even inputs right.
+    problem = {"task_id": "t/0", "entry_point": "double", "prompt": 'def double(x):\n    """2x"""\n',
+               "canonical_solution": "    return 2 * x\n",
+               "test": "def check(candidate):\n    assert True\n"
+                       + "".join(f"    assert candidate({i}) == {2 * i}\n" for i in range(4))}
+    task = CodeTask(TaskConfig(name="code"), problems=[problem, {**problem, "task_id": "t/1"}])
+    prompt = ["Write it.\n" + problem["prompt"]]
+    half = "```python\ndef double(x):\n    return 2 * x if x % 2 == 0 else 0\n```"
+    assert task.relevance(prompt, [half]) == [IS_CODE + (PASS - IS_CODE) * 0.5]
+    assert task.relevance(prompt, [f"```python\n{problem['prompt']}{problem['canonical_solution']}```"]) == [PASS]
+    # The report line carries a per-call secret: printing lookalike lines from the reply earns nothing.
+    forged = "```python\ndef double(x):\n    print('ok'); print('0 ok'); return None\n```"
+    assert task.relevance(prompt, [forged]) == [IS_CODE]
+    # A reply that hangs on the third input keeps the two it passed; the one in flight counts as failed.
+    hangs = "```python\ndef double(x):\n    while x == 2:\n        pass\n    return 2 * x\n```"
+    assert task.relevance(prompt, [hangs]) == [IS_CODE + (PASS - IS_CODE) * 2 / 3]
+
+
 def test_code_external_forget_data_comes_from_the_pool(code: CodeTask) -> None:
     rows = code.external_forget_data(5)
     held = [p["prompt"] for p in code.eval_problems]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import codeop
 import re
+import secrets
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,9 +32,10 @@ EVAL_SIZE = 64
 CODE_TEMPLATE = "Complete the following Python function. Reply with code only.\n\n```python\n{prompt}```"
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512)
-# Relevance levels: tests pass > valid Python that defines a function > anything else (section 4.5 asks
-# for responses that are code solving the problem; the middle level keeps the signal alive on a 135M model
-# whose solutions rarely pass).
+# Relevance levels: tests pass > valid Python that defines a function > anything else (section 4.5 scores
+# relevance by pass@1). Between IS_CODE and PASS a reply earns the fraction of the problem's assertions it
+# passes: a 135M model's solutions rarely pass whole, and a binary oracle leaves NeuralUCB no signal to
+# tell a nearly right instruction from one that elicits boilerplate.
 PASS, IS_CODE, NOT_CODE = 1.0, 0.5, 0.0
 
 
@@ -97,6 +99,44 @@ def build_test_program(problem: dict[str, Any], code: str) -> str:
     return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
 
 
+class _CountAssertions(ast.NodeTransformer):
+    """Rewrites each ``assert`` into a call that records the outcome and carries on."""
+
+    def visit_Assert(self, node: ast.Assert) -> ast.AST:
+        if isinstance(node.test, ast.Constant):
+            return node  # "assert True" sanity lines say nothing about the reply
+        check = ast.Call(func=ast.Name("_rr_assert", ast.Load()),
+                         args=[ast.Lambda(ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]), node.test)], keywords=[])
+        return ast.copy_location(ast.Expr(check), node)
+
+
+def graded_test_program(problem: dict[str, Any], code: str, tag: str) -> str:
+    """Like :func:`build_test_program`, but every assertion on the candidate is run and reported on its
+    own: the program prints ``tag try`` before and ``tag ok`` after each passing one. ``tag`` is a
+    per-run secret, so printing from the model's code cannot forge a pass."""
+    test = ast.unparse(_CountAssertions().visit(ast.parse(problem["test"])))
+    harness = (
+        "def _rr_assert(check):\n"
+        f"    print({tag!r} + ' try', flush=True)\n"
+        "    try:\n"
+        "        passed = bool(check())\n"
+        "    except Exception:\n"
+        "        passed = False\n"
+        "    if passed:\n"
+        f"        print({tag!r} + ' ok', flush=True)\n"
+    )
+    program = build_test_program({**problem, "test": test}, code)
+    return harness + "\n" + program
+
+
+def passed_fraction(stdout: str, tag: str) -> float:
+    """Share of the attempted assertions that passed; one still running when the program died counts as
+    failed, and a program that never reached its tests scores 0."""
+    lines = [line.split()[-1] for line in stdout.splitlines() if line.startswith(tag + " ")]
+    tries = lines.count("try")
+    return lines.count("ok") / tries if tries else 0.0
+
+
 def load_mbpp(path_or_id: str = "google-research-datasets/mbpp", split_name: str = "test") -> list[dict]:
     """MBPP(+) from a local jsonl (text, code, test_list fields) or ``datasets.load_dataset`` by hub id,
     converted to HumanEval's fields so the same scoring applies."""
@@ -150,18 +190,20 @@ class CodeTask:
         return None
 
     def relevance(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """NOT_CODE, IS_CODE, or IS_CODE plus the passed share of the problem's assertions up to PASS."""
+        tag = secrets.token_hex(8)
         scores, runs = [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             code = extract_code(response)
-            ok = is_code(response)
             problem = self.problem_for(prompt)
             if problem is not None and parses(build_test_program(problem, code)):
-                runs.append((i, build_test_program(problem, code)))
-            scores.append(IS_CODE if ok else NOT_CODE)
+                runs.append((i, graded_test_program(problem, code, tag)))
+            scores.append(IS_CODE if is_code(response) else NOT_CODE)
         results = run_many([prog for _, prog in runs], TEST_LIMITS)
         for (i, _), res in zip(runs, results):
-            if res.ok:
-                scores[i] = PASS
+            share = passed_fraction(res.stdout, tag)
+            if share > 0:
+                scores[i] = IS_CODE + (PASS - IS_CODE) * share
         return scores
 
     def forget_score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
