@@ -105,16 +105,15 @@ class _CountAssertions(ast.NodeTransformer):
     def visit_Assert(self, node: ast.Assert) -> ast.AST:
         if isinstance(node.test, ast.Constant):
             return node  # "assert True" sanity lines say nothing about the reply
-        check = ast.Call(func=ast.Name("_rr_assert", ast.Load()),
-                         args=[ast.Lambda(ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]), node.test)], keywords=[])
+        no_args = ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[])
+        check = ast.Call(ast.Name("_rr_assert", ast.Load()), [ast.Lambda(no_args, node.test)], [])
         return ast.copy_location(ast.Expr(check), node)
 
 
 def graded_test_program(problem: dict[str, Any], code: str, tag: str) -> str:
-    """Like :func:`build_test_program`, but every assertion on the candidate is run and reported on its
-    own: the program prints ``tag try`` before and ``tag ok`` after each passing one. ``tag`` is a
-    per-run secret, so printing from the model's code cannot forge a pass."""
-    test = ast.unparse(_CountAssertions().visit(ast.parse(problem["test"])))
+    """Like :func:`build_test_program`, but every assertion (constant ones aside) is run and reported on
+    its own: the program prints ``tag try`` before each and ``tag ok`` after each that passes. ``tag`` is a
+    per-call secret, so lines printed by the model's code cannot pass for a report."""
     harness = (
         "def _rr_assert(check):\n"
         f"    print({tag!r} + ' try', flush=True)\n"
@@ -125,8 +124,9 @@ def graded_test_program(problem: dict[str, Any], code: str, tag: str) -> str:
         "    if passed:\n"
         f"        print({tag!r} + ' ok', flush=True)\n"
     )
-    program = build_test_program({**problem, "test": test}, code)
-    return harness + "\n" + program
+    # Defined after the model's code, so the reply cannot replace it (nor displace a __future__ import).
+    test = harness + "\n\n" + ast.unparse(_CountAssertions().visit(ast.parse(problem["test"])))
+    return build_test_program({**problem, "test": test}, code)
 
 
 def passed_fraction(stdout: str, tag: str) -> float:
