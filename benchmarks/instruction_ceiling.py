@@ -7,7 +7,8 @@ reveal context set C with every distinct decoded instruction, with any hand-writ
 (the plain task prompt), using the run's own config (run.yaml: model, decoding, task oracle), and prints the
 mean relevance of each side by side. The ratio best-instruction / no-instruction says whether the search
 space holds any instruction that raises relevance over the plain prompt: below 1, no choice of NeuralUCB
-could make the forget set beat the plain prompt on relevance. Writes benchmarks/results/instruction_ceiling.json.
+could make the forget set beat the plain prompt on relevance. Writes benchmarks/results/instruction_ceiling.json
+and a bar chart beside it (instruction_ceiling.png).
 """
 
 from __future__ import annotations
@@ -23,6 +24,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "instruction_ceiling.json"
+COLOURS = {"none (plain prompt)": "tab:gray", "hand-written": "tab:orange", "decoded": "tab:blue"}
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """One horizontal bar per instruction, the no-instruction level as a line across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.2))
+    labels = [(r["instruction"] or "(none)")[:60] for r in rows]
+    ax.barh(range(len(rows)), [r["mean_relevance"] for r in rows], color=[COLOURS[r["kind"]] for r in rows])
+    for kind, colour in COLOURS.items():
+        ax.barh([0], [0], color=colour, label=kind)  # legend entries only
+    ax.axvline(rows[0]["mean_relevance"], color="black", linestyle="--", linewidth=1, label="no-instruction level")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean relevance on all reveal contexts")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def main() -> None:
@@ -75,7 +100,8 @@ def main() -> None:
 
     plain = rows[0]["mean_relevance"]
     best = max(rows[1:], key=lambda r: r["mean_relevance"])
-    table = Table(title=f"relevance on all {len(contexts)} reveal contexts ({cfg.task.name}, {cfg.model.name_or_path})")
+    title = f"relevance on all {len(contexts)} reveal contexts ({cfg.task.name}, {cfg.model.name_or_path})"
+    table = Table(title=title)
     for col in ("instruction", "kind", "mean relevance", "vs none"):
         table.add_column(col)
     for r in rows:
@@ -90,6 +116,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"run": run.uri, "task": cfg.task.name, "model": cfg.model.name_or_path,
                                    "contexts": len(contexts), "best_over_none": ratio, "rows": rows}, indent=1))
+    plot(rows, title, RESULTS.with_suffix(".png"))
 
 
 if __name__ == "__main__":
