@@ -34,8 +34,8 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.
 TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512)
 # Relevance levels: tests pass > valid Python that defines a function > anything else (section 4.5 scores
 # relevance by pass@1). Between IS_CODE and PASS a reply earns the fraction of the problem's assertions it
-# passes: a 135M model's solutions rarely pass whole, and a binary oracle leaves NeuralUCB no signal to
-# tell a nearly right instruction from one that elicits boilerplate.
+# passes: a 135M model's solutions rarely pass whole, and an all-or-nothing test result leaves NeuralUCB
+# no signal to tell a nearly right instruction from one that elicits boilerplate.
 PASS, IS_CODE, NOT_CODE = 1.0, 0.5, 0.0
 
 
