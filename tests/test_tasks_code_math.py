@@ -66,6 +66,15 @@ def test_relevance_credits_the_share_of_assertions_passed(code: CodeTask) -> Non
     assert task.relevance(prompt, [hangs]) == [IS_CODE + (PASS - IS_CODE) * 2 / 3]
 
 
+def test_every_canonical_solution_keeps_full_credit(code: CodeTask) -> None:
+    # The assertion rewrite must not change what a test checks: every HumanEval reference solution still
+    # passes all of its assertions.
+    problems = code.pool + code.eval_problems
+    replies = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
+    scores = code.relevance(["Solve this.\n" + p["prompt"] for p in problems], replies)
+    assert [p["task_id"] for p, s in zip(problems, scores) if s != PASS] == []
+
+
 def test_code_external_forget_data_comes_from_the_pool(code: CodeTask) -> None:
     rows = code.external_forget_data(5)
     held = [p["prompt"] for p in code.eval_problems]
