@@ -194,10 +194,11 @@ class CodeTask:
         tag = secrets.token_hex(8)
         scores, runs = [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            code = extract_code(response)
             problem = self.problem_for(prompt)
-            if problem is not None and parses(build_test_program(problem, code)):
-                runs.append((i, graded_test_program(problem, code, tag)))
+            if problem is not None:
+                program = graded_test_program(problem, extract_code(response), tag)
+                if parses(program):
+                    runs.append((i, program))
             scores.append(IS_CODE if is_code(response) else NOT_CODE)
         results = run_many([prog for _, prog in runs], TEST_LIMITS)
         for (i, _), res in zip(runs, results):
