@@ -51,7 +51,8 @@ def main() -> None:
     import ray
 
     from rr_ray.cluster import connect
-    from rr_ray.config import RayConfig, TaskConfig
+    from rr_ray.config import RayConfig, RRConfig, TaskConfig
+    from rr_ray.evaluation.scoring import scorer_spec
     from rr_ray.models.loader import resolve_model
     from rr_ray.release.search import sweep
 
@@ -62,7 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pem = str(random_pem(model_dir, Path(tmp) / "pem"))
         common = dict(model=model_dir, current=None, adapter=pem, kind="forget", step="bench", coefs=coefs,
-                      task_cfg=task, limit=args.limit, storage_uri=str(Path(tmp) / "ray"))
+                      task_cfg=task, limit=args.limit, storage_uri=str(Path(tmp) / "ray"),
+                      scorer=scorer_spec(RRConfig(task=task)))
         t0 = time.perf_counter()
         seq = sweep(**common, name="sequential", cpus_per_trial=args.cpus, max_concurrent=1)
         t_seq = time.perf_counter() - t0

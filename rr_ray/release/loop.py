@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rr_ray.config import RRConfig
+from rr_ray.evaluation.scoring import scorer_spec
 from rr_ray.release.pem import Edit, EditLog, compose
 from rr_ray.release.rules import Candidate, choose_forget, choose_retain
 from rr_ray.release.search import sweep
@@ -117,7 +118,7 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
     console.print(f"release {step}: sweeping {len(coefs)} coefficients with Ray Tune")
     result = sweep(model=cfg.model.name_or_path, current=current, adapter=_uri(run, f"release/{step}/adapter"),
                    kind=kind, step=step, coefs=coefs, task_cfg=cfg.task, limit=cfg.release.eval_limit,
-                   storage_uri=_uri(run, "ray"), name=f"tune-{step}", dtype=cfg.model.dtype,
+                   storage_uri=_uri(run, "ray"), name=f"tune-{step}", scorer=scorer_spec(cfg),
                    cpus_per_trial=cfg.release.cpus_per_trial, gpus_per_trial=cfg.release.gpus_per_trial,
                    endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
     trials = result.trials

@@ -5,15 +5,21 @@ A trial composes its candidate into one stacked LoRA (``pem.compose``) and score
 continuous ``s`` and ``u`` on the evaluation subsets; the threshold rule (``rules.py``) then picks the
 coefficient. Trials run in parallel on Ray's CPUs (or GPUs); their results are written into the run
 directory, and a killed sweep resumes from Tune's experiment state (``Tuner.restore``).
+
+With ``task.scoring_backend: vllm`` the K candidates are not K trials: one Ray task with one trial's
+resources loads one vLLM engine and scores every candidate in one engine call (a different composed adapter
+per request; ``Scorer.score_together``). A killed one is simply run again.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,7 @@ from rr_ray.config import TaskConfig
 from rr_ray.release.pem import Edit, EditLog, compose
 from rr_ray.storage import arrow_storage, localize
 
-_SCORERS: dict[tuple[str, str, int], Any] = {}  # per trial process: Tune reuses actors, the model stays loaded
+_SCORERS: dict[tuple[str, str, str, int], Any] = {}  # per trial process: Tune reuses actors, the model stays loaded
 
 
 @dataclass(frozen=True)
@@ -32,30 +38,39 @@ class SweepResult:
     restored: bool
 
 
-def _scorer(model_dir: str, dtype: str, threads: int, batch_size: int) -> Any:
+def _scorer(model_dir: str, spec: dict[str, Any], threads: int) -> Any:
     from rr_ray.evaluation.scoring import Scorer
 
-    key = (model_dir, dtype, threads)
+    key = (model_dir, spec["backend"], spec["dtype"], threads)
     if key not in _SCORERS:
-        _SCORERS[key] = Scorer.from_model_dir(model_dir, dtype=dtype, batch_size=batch_size, threads=threads)
+        _SCORERS[key] = Scorer.from_spec(model_dir, spec, threads=threads)
     return _SCORERS[key]
 
 
-def score_edit_log(log: EditLog, *, model_dir: str, task_cfg: TaskConfig, limit: int | None, dtype: str,
-                   threads: int) -> dict[str, float]:
-    """``s`` and ``u`` of base + ``log`` (composed into one temporary stacked LoRA; adapters are local dirs)."""
+def _s_and_u(task: Any, adapter: str | None, limit: int | None, scorer: Any) -> dict[str, float]:
+    # weights are chosen on the validation half; evaluation reports the test half
+    forget = task.forget_score(scorer, adapter, limit, full=False, part="validation")
+    utility = task.utility_score(scorer, adapter, limit, full=False, part="validation")
+    return {"s": float(forget["s"]), "u": float(utility["u"])}
+
+
+def score_edit_logs(logs: list[EditLog], *, model_dir: str, task_cfg: TaskConfig, limit: int | None,
+                    spec: dict[str, Any], threads: int) -> list[dict[str, float]]:
+    """``s`` and ``u`` of base + each log (each composed into one temporary stacked LoRA; adapters are local
+    dirs), every row of every log scored in one backend call."""
     from rr_ray.tasks.base import get_task
 
-    scorer = _scorer(model_dir, dtype, threads, task_cfg.scoring_batch_size)
+    scorer = _scorer(model_dir, spec, threads)
     task = get_task(task_cfg)
-    with tempfile.TemporaryDirectory(prefix="rr-ray-cand-") as tmp:
-        # A unique dir per candidate: the scorer's generator caches adapters by path.
-        adapter = compose(log, Path(tmp) / uuid.uuid4().hex)
-        adapter_path = str(adapter) if adapter else None
-        # weights are chosen on the validation half; evaluation reports the test half
-        forget = task.forget_score(scorer, adapter_path, limit, full=False, part="validation")
-        utility = task.utility_score(scorer, adapter_path, limit, full=False, part="validation")
-    return {"s": float(forget["s"]), "u": float(utility["u"])}
+    with ExitStack() as stack:
+        adapters = []
+        for log in logs:
+            # A unique dir per candidate: the backends cache adapters by path.
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rr-ray-cand-"))
+            adapter = compose(log, Path(tmp) / uuid.uuid4().hex)
+            adapters.append(str(adapter) if adapter else None)
+        jobs = [functools.partial(_s_and_u, task, a, limit) for a in adapters]
+        return scorer.score_together(jobs)
 
 
 def candidate_log(base: str, current: str | None, adapter: str, coef: float, kind: str, step: str) -> EditLog:
@@ -66,8 +81,8 @@ def candidate_log(base: str, current: str | None, adapter: str, coef: float, kin
     return log.then(Edit(adapter=adapter, coef=coef, kind=kind, step=step)) if coef != 0.0 else log
 
 
-def score_trial(config: dict[str, Any]) -> dict[str, float]:
-    """Tune trainable: one candidate coefficient; returns its final metrics."""
+def score_coefs(config: dict[str, Any], coefs: list[float]) -> list[dict[str, float]]:
+    """``s`` and ``u`` of ``current + coef * adapter`` for each coefficient; resolves model and adapters here."""
     from rr_ray.models.loader import resolve_model
 
     t0 = time.perf_counter()
@@ -75,32 +90,45 @@ def score_trial(config: dict[str, Any]) -> dict[str, float]:
     model_dir = str(resolve_model(config["model"], config.get("cache_dir"), endpoint))
     current = str(localize(config["current"], endpoint_url=endpoint)) if config.get("current") else None
     adapter = str(localize(config["adapter"], endpoint_url=endpoint))
-    log = candidate_log(config["model"], current, adapter, config["coef"], config["kind"], config["step"])
-    scores = score_edit_log(log, model_dir=model_dir, task_cfg=TaskConfig.model_validate(config["task"]),
-                            limit=config["limit"], dtype=config["dtype"], threads=config["threads"])
-    return {"coef": config["coef"], **scores, "seconds": time.perf_counter() - t0}
+    logs = [candidate_log(config["model"], current, adapter, c, config["kind"], config["step"]) for c in coefs]
+    scores = score_edit_logs(logs, model_dir=model_dir, task_cfg=TaskConfig.model_validate(config["task"]),
+                             limit=config["limit"], spec=config["scorer"], threads=config["threads"])
+    seconds = (time.perf_counter() - t0) / len(coefs)  # a shared call: each candidate's share of it
+    return [{"coef": c, **sc, "seconds": seconds} for c, sc in zip(coefs, scores)]
+
+
+def score_trial(config: dict[str, Any]) -> dict[str, float]:
+    """Tune trainable: one candidate coefficient; returns its final metrics."""
+    return score_coefs(config, [config["coef"]])[0]
 
 
 def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str, coefs: list[float],
-          task_cfg: TaskConfig, limit: int | None, storage_uri: str, name: str, dtype: str = "float32",
+          task_cfg: TaskConfig, limit: int | None, storage_uri: str, name: str, scorer: dict[str, Any],
           cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, endpoint_url: str | None = None,
           cache_dir: str | None = None, max_concurrent: int | None = None) -> SweepResult:
-    """Score ``current + coef * adapter`` for every coefficient as parallel Tune trials; Ray must be up.
+    """Score ``current + coef * adapter`` for every coefficient; Ray must be up.
 
     ``model`` is any reference ``resolve_model`` takes; ``current`` (the composed edit log so far, None = the
     base) and ``adapter`` are local dirs or s3:// URIs. ``coefs`` are signed (negative for a forget PEM);
-    0.0 scores the current model itself.
+    0.0 scores the current model itself. ``scorer`` is ``scorer_spec(cfg)``: hf runs parallel Tune trials,
+    vllm one Ray task that scores all candidates in one engine call.
     """
+    import ray
     from ray import tune
 
+    t0 = time.perf_counter()
+    space = {"model": model, "current": current, "adapter": adapter, "kind": kind, "step": step,
+             "task": task_cfg.model_dump(), "limit": limit, "scorer": scorer, "threads": max(1, int(cpus_per_trial)),
+             "endpoint_url": endpoint_url, "cache_dir": cache_dir}
+    if scorer["backend"] == "vllm":
+        task = ray.remote(score_coefs).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=2)
+        trials = ray.get(task.remote(space, [float(c) for c in coefs]))
+        trials.sort(key=lambda t: (abs(t["coef"]), t["coef"]))
+        return SweepResult(trials=trials, seconds=time.perf_counter() - t0, restored=False)
     storage_path, fs = arrow_storage(storage_uri, endpoint_url)
     trainable = tune.with_resources(score_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     exp_path = f"{storage_path.rstrip('/')}/{name}"
-    t0 = time.perf_counter()
-    space = {"coef": tune.grid_search([float(c) for c in coefs]), "model": model, "current": current,
-             "adapter": adapter, "kind": kind, "step": step, "task": task_cfg.model_dump(), "limit": limit,
-             "dtype": dtype, "threads": max(1, int(cpus_per_trial)), "endpoint_url": endpoint_url,
-             "cache_dir": cache_dir}
+    space["coef"] = tune.grid_search([float(c) for c in coefs])
     restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
     if restored:  # a killed sweep: finished trials are kept, unfinished and errored ones run again
         # The space goes along: trials the grid had not generated yet are made from it.
@@ -129,7 +157,7 @@ def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str
         else:
             fs.delete_dir(exp_path)
         return sweep(model=model, current=current, adapter=adapter, kind=kind, step=step, coefs=coefs,
-                     task_cfg=task_cfg, limit=limit, storage_uri=storage_uri, name=name, dtype=dtype,
+                     task_cfg=task_cfg, limit=limit, storage_uri=storage_uri, name=name, scorer=scorer,
                      cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, endpoint_url=endpoint_url,
                      cache_dir=cache_dir, max_concurrent=max_concurrent)
     if errors:

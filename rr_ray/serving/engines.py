@@ -1,20 +1,17 @@
-"""Serving engines: turn one rendered prompt into a stream of text chunks per choice.
+"""The ``hf`` serving engine: turns one rendered prompt into a stream of text chunks per choice.
 
-The HTTP front end (app.py) knows only ``Engine.submit``; the engine is chosen by name, so CPU tests run the
-real front end with the ``hf`` engine and GPU deployments swap in ``vllm`` without another code path.
+The hand-written front end (app.py) knows only ``Engine.submit``. It is kept for what ``ray.serve.llm`` cannot
+do: serve without vLLM (machines with no vLLM wheel) and serve a local adapter with no object store. vLLM
+serving is ``ray.serve.llm`` itself (llm_app.py).
 
-- ``hf``: transformers on CPU. Concurrent requests are grouped by Ray Serve's ``@serve.batch`` and decoded
-  in one ``generate`` call per sampling setting; rows carry their own adapter (peft mixed-adapter batch), so
-  the unlearned model and the base share one set of weights. Streaming uses a streamer that receives every
-  decoding step's tokens for the whole batch.
-- ``vllm``: vLLM's async engine (continuous batching, ``LoRARequest`` per row). Imported only when chosen;
-  it needs a GPU and the ``gpu`` extra, so it is not exercised by the CPU tests.
+Concurrent requests are grouped by Ray Serve's ``@serve.batch`` and decoded in one ``generate`` call per
+sampling setting; rows carry their own adapter (peft mixed-adapter batch), so the unlearned model and the base
+share one set of weights. Streaming uses a streamer that receives every decoding step's tokens for the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,79 +189,4 @@ class HFEngine:
                 p.stream.put(Chunk(i, rest, out.finish_reason, out.num_tokens))
 
 
-class VLLMEngine:
-    """vLLM's async engine: its own continuous batching; each job's adapter becomes a ``LoRARequest``.
-
-    Needs a CUDA GPU and ``pip install 'rr-ray[gpu]'``; not runnable (so not tested) on the CPU machines.
-    """
-
-    def __init__(self, model_dir: str | Path, adapters: list[str | None], dtype: str = "auto",
-                 max_lora_rank: int = 64, gpu_memory_utilization: float = 0.85, seed: int = 0, **_: Any) -> None:
-        try:
-            from vllm import AsyncEngineArgs, AsyncLLMEngine
-        except ImportError as exc:
-            raise RuntimeError("serving backend vllm needs the gpu extra: pip install 'rr-ray[gpu]'") from exc
-        engine_args = AsyncEngineArgs(
-            model=str(model_dir), dtype="bfloat16" if dtype == "auto" else dtype, enable_lora=True,
-            max_lora_rank=max_lora_rank, max_loras=max(1, len([a for a in adapters if a])),
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-        self.engine = AsyncLLMEngine.from_engine_args(engine_args)
-        from rr_ray.models.loader import load_tokenizer
-
-        # Prompts arrive rendered (chat template applied): pass token ids so vLLM adds no second BOS,
-        # exactly as the hf engine tokenizes them (add_special_tokens=False).
-        self.tokenizer = load_tokenizer(model_dir)
-        self._tasks: set[asyncio.Future] = set()
-
-    def submit(self, job: Job) -> JobStream:
-        stream = JobStream()
-        task = asyncio.ensure_future(self._pump(job, stream))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return stream
-
-    async def check_health(self) -> None:
-        await self.engine.check_health()  # raises once the engine's background loop has died
-
-    async def _pump(self, job: Job, stream: JobStream) -> None:
-        from vllm import SamplingParams as VLLMSamplingParams
-
-        from rr_ray.generation.vllm_generator import VLLMGenerator
-
-        p = job.params
-        sampling = VLLMSamplingParams(n=p.n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens,
-                                      stop=list(p.stop) or None, seed=job.seed, ignore_eos=p.ignore_eos)
-        sent: dict[int, int] = {}  # characters already sent, per choice
-        finished: set[int] = set()
-        try:
-            # Outputs are cumulative per choice: send each choice's new text, and close it once it finishes.
-            prompt = {"prompt_token_ids": self.tokenizer(job.text, add_special_tokens=False)["input_ids"]}
-            async for out in self.engine.generate(prompt, sampling, request_id=uuid.uuid4().hex,
-                                                  lora_request=VLLMGenerator._lora(job.adapter)):
-                for o in out.outputs:
-                    if o.index in finished:
-                        continue
-                    new, sent[o.index] = o.text[sent.get(o.index, 0):], len(o.text)
-                    if o.finish_reason is None:
-                        if new:
-                            stream.put(Chunk(o.index, new))
-                    else:
-                        finished.add(o.index)
-                        reason = "length" if o.finish_reason == "length" else "stop"
-                        stream.put(Chunk(o.index, new, reason, len(o.token_ids)))
-        except Exception as exc:
-            stream.put(exc)
-            return
-        stream.put(_END)
-
-
-def make_engine(backend: str, model_dir: str | Path, adapters: list[str | None], **kwargs: Any) -> Engine:
-    """Build a serving engine by name; vLLM is imported only when chosen."""
-    if backend == "hf":
-        return HFEngine(model_dir, adapters, **kwargs)
-    if backend == "vllm":
-        return VLLMEngine(model_dir, adapters, **kwargs)
-    raise ValueError(f"unknown serving backend {backend!r} (expected 'hf' or 'vllm')")
-
-
-__all__ = ["Chunk", "Engine", "HFEngine", "Job", "JobStream", "VLLMEngine", "make_engine"]
+__all__ = ["Chunk", "Engine", "HFEngine", "Job", "JobStream"]
