@@ -36,6 +36,14 @@ _AWS_ENV = {
 _AWS_UNSET = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SECURITY_TOKEN")
 
 
+# Set for the whole session, before any test starts Ray: Ray's worker processes (Serve replicas among them)
+# inherit the environment Ray was started with, and the S3 clients they run need credentials too.
+for _key in _AWS_UNSET:
+    os.environ.pop(_key, None)
+os.environ.update(_AWS_ENV)
+os.environ["AWS_CONFIG_FILE"] = os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+
+
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes], log_path: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -57,11 +57,15 @@ def run_dir(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, run_dir: str, s3_server: str, s3_uri: str):
+def server(ray_local, run_dir: str, s3_server: str):
+    import uuid
+
     from ray import serve
 
     from rr_ray.serving.app import serve_run
+    from tests.conftest_s3 import S3_BUCKET
 
+    s3_uri = f"s3://{S3_BUCKET}/serve-{uuid.uuid4().hex[:8]}"
     port = free_port()
     t0 = time.perf_counter()
     serve_run(run_dir, port=port, blocking=False, app_name="rr-ray-llm", backend="vllm", lora_store=s3_uri,

@@ -69,7 +69,9 @@ def llm_config(a: ServeArgs, model_source: str, adapter_dir: str | None, store: 
     else:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{a.vllm_cpu_kvcache_gib:g}"
         bundles = [{"CPU": a.num_cpus}]  # the default bundle asks for a GPU and would wait forever on CPU
-    deployment: dict[str, Any] = {"max_ongoing_requests": a.max_ongoing_requests}
+    # The replica actor only drives the engine; its CPU would be added to the engine's bundle (Ray Serve LLM
+    # merges them), leaving no CPU for the ingress on a 2-core machine.
+    deployment: dict[str, Any] = {"max_ongoing_requests": a.max_ongoing_requests, "ray_actor_options": {"num_cpus": 0}}
     if a.autoscaling_config:
         deployment["autoscaling_config"] = a.autoscaling_config
     else:
@@ -105,4 +107,8 @@ def build_llm_app(a: ServeArgs) -> Application:
         publish_adapter(adapter, store, a.s3_endpoint_url)
     source = model_ref if model_ref.startswith("s3://") else str(resolve_model(model_ref, a.cache_dir,
                                                                                 a.s3_endpoint_url))
-    return build_openai_app({"llm_configs": [llm_config(a, source, adapter, store)]})
+    args: dict[str, Any] = {"llm_configs": [llm_config(a, source, adapter, store)]}
+    if a.s3_endpoint_url:  # the ingress lists the store's adapters for /v1/models: it needs the endpoint too
+        args["ingress_deployment_config"] = {
+            "ray_actor_options": {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL_S3": a.s3_endpoint_url}}}}
+    return build_openai_app(args)
