@@ -86,9 +86,13 @@ def _cmd_release(cfg: RRConfig, args: argparse.Namespace) -> int:
 def _cmd_serve(cfg: RRConfig, args: argparse.Namespace) -> int:
     from rr_ray.serving.app import serve_run
 
+    backend = args.backend or cfg.generation.backend
+    if backend == "vllm" and not args.lora_store and not args.run.startswith("s3://"):
+        raise ConfigError("serve --backend vllm (ray.serve.llm) loads the unlearned LoRA only from object storage: "
+                          "give --lora-store s3://bucket/prefix, or serve a run on s3://, or use --backend hf")
     # cfg is the run's run.yaml (--model already applied to it): serve that base model under the run's adapter.
     serve_run(args.run, host=args.host, port=args.port, ray_cfg=cfg.ray, model=cfg.model.name_or_path,
-              adapter=args.adapter, served_name=args.name, backend=cfg.generation.backend,
+              adapter=args.adapter, served_name=args.name, backend=backend, lora_store=args.lora_store,
               dtype=cfg.generation.dtype, cache_dir=cfg.model.cache_dir, s3_endpoint_url=cfg.run.s3_endpoint_url)
     return 0
 
@@ -123,7 +127,13 @@ def _cmd_report(cfg: RRConfig, args: argparse.Namespace) -> int:
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (default: the one in the run's run.yaml)")
     p.add_argument("--adapter", help="serve this composed LoRA dir instead of the run's")
-    p.add_argument("--name", default="rr-ray", help="model name of the unlearned model (base: NAME-base)")
+    p.add_argument("--name", default="rr-ray", help="hf: model name of the unlearned model (base: NAME-base); "
+                                                    "vllm: NAME-base and NAME-base:unlearned")
+    p.add_argument("--backend", choices=["hf", "vllm"],
+                   help="hf: rr-ray's server over transformers; vllm: a ray.serve.llm app (default: the run's "
+                        "generation.backend)")
+    p.add_argument("--lora-store", help="vllm: s3:// prefix the unlearned LoRA is published to (default "
+                                        "RUN/serve/loras for a run on s3://)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
 
