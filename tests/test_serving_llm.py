@@ -136,3 +136,16 @@ def test_fifty_concurrent_clients_without_errors(server: str) -> None:
         codes = list(pool.map(one, range(50)))
     print(f"50 concurrent chat requests: {time.perf_counter() - t0:.1f} s, codes {set(codes)}")
     assert codes == [200] * 50
+
+
+def test_serve_config_file_builds_the_llm_app() -> None:
+    """``serve run serving/llm.yaml``: its args are build_app args and give a ray.serve.llm app."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rr_ray.serving.app import build_app
+
+    doc = yaml.safe_load((Path(__file__).parent.parent / "serving" / "llm.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(doc).applications
+    assert app.args["backend"] == "vllm"
+    assert build_app(app.args)._bound_deployment.name == "OpenAiIngress"  # Ray Serve LLM's ingress, not ours
