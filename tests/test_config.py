@@ -67,3 +67,19 @@ def test_bad_input_is_one_line_naming_key_and_file(tmp_path: Path, text: str, ov
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_vllm_scoring_rank_above_vllms_limit_is_refused_at_load() -> None:
+    assert load_config(None, ["task.scoring_backend=vllm"]).task.scoring_backend == "vllm"
+    with pytest.raises(ConfigError, match="rank 768"):
+        load_config(None, ["task.scoring_backend=vllm", "release.lora.r=256"])
+
+
+def test_vllm_backend_without_vllm_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs vLLM"):
+        load_config(None, ["generation.backend=vllm"])
+    assert load_config(None, ["generation.backend=hf"]).generation.backend == "hf"

@@ -6,8 +6,8 @@ continuous ``s`` and ``u`` on the evaluation subsets; the threshold rule (``rule
 coefficient. Trials run in parallel on Ray's CPUs (or GPUs); their results are written into the run
 directory, and a killed sweep resumes from Tune's experiment state (``Tuner.restore``).
 
-With ``task.scoring_backend: vllm`` the K candidates are not K trials: one Ray task with one trial's
-resources loads one vLLM engine and scores every candidate in one engine call (a different composed adapter
+With ``task.scoring_backend: vllm`` the K candidates are not K trials: one Ray task (one trial's GPUs, or on
+CPU the CPUs of the K trials up to the cluster's) loads one vLLM engine and scores every candidate in one engine call (a different composed adapter
 per request; ``Scorer.score_together``). A killed one is simply run again.
 """
 
@@ -121,7 +121,10 @@ def sweep(*, model: str, current: str | None, adapter: str, kind: str, step: str
              "task": task_cfg.model_dump(), "limit": limit, "scorer": scorer, "threads": max(1, int(cpus_per_trial)),
              "endpoint_url": endpoint_url, "cache_dir": cache_dir}
     if scorer["backend"] == "vllm":
-        task = ray.remote(score_coefs).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=2)
+        # The one task stands in for the K trials: on CPU it may use the CPUs they would have (up to the cluster's).
+        cpus = cpus_per_trial if gpus_per_trial else min(len(coefs) * cpus_per_trial,
+                                                         max(cpus_per_trial, ray.cluster_resources().get("CPU", 1)))
+        task = ray.remote(score_coefs).options(num_cpus=cpus, num_gpus=gpus_per_trial, max_retries=2)
         trials = ray.get(task.remote(space, [float(c) for c in coefs]))
         trials.sort(key=lambda t: (abs(t["coef"]), t["coef"]))
         return SweepResult(trials=trials, seconds=time.perf_counter() - t0, restored=False)
