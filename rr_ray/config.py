@@ -302,7 +302,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: config file not found")
-    return config_from_text(p.read_text(), str(path), overrides)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); a config is YAML text") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: binary file (NUL bytes); a config is YAML text")
+    return config_from_text(text, str(path), overrides)
 
 
 def config_from_text(text: str, source: str, overrides: list[str] | None = None) -> RRConfig:

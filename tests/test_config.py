@@ -83,3 +83,12 @@ def test_vllm_backend_without_vllm_is_refused_at_load(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="needs vLLM"):
         load_config(None, ["generation.backend=vllm"])
     assert load_config(None, ["generation.backend=hf"]).generation.backend == "hf"
+
+
+@pytest.mark.parametrize("data", [b"run:\n  dir: caf\xe9\n", b"\x00\x01\x02binary"])
+def test_non_utf8_or_binary_config_is_one_line(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

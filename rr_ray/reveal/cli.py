@@ -18,7 +18,7 @@ def reveal_command(cfg: RRConfig, compare_plain: bool = False) -> int:
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
     run = open_run(cfg)
     address = cluster.connect(cfg.ray)
-    pool = GeneratorPool(cfg.generation, model_dir, seed=cfg.run.seed)
+    pool = GeneratorPool(cfg.generation, model_dir, seed=cfg.run.seed, model_ref=cfg.model.name_or_path)
     try:
         info = run_reveal(cfg, run, model_dir, pool=pool)
         console.print(f"reveal: {info['forget_size']} forget rows, mean relevance {info['mean_relevance']:.4f}, "

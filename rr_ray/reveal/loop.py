@@ -141,7 +141,7 @@ def run_reveal(cfg: RRConfig, run: RunDir, model_dir: str, pool: Any | None = No
         from rr_ray.generation.pool import GeneratorPool
 
         cluster.connect(cfg.ray)
-        pool = GeneratorPool(cfg.generation, model_dir, seed=seed)
+        pool = GeneratorPool(cfg.generation, model_dir, seed=seed, model_ref=cfg.model.name_or_path)
     scorer = CandidateScorer(task, pool, reveal_params(cfg), rc.embedder, rc.alpha)
     try:
         if rc.mode == "direct":
