@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.* siblings
 
 from benchmarks.weight_sweep import COEFS, random_lora  # noqa: E402
 from rr_ray.generation.base import Request  # noqa: E402
