@@ -84,10 +84,12 @@ def _cmd_release(cfg: RRConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(cfg: RRConfig, args: argparse.Namespace) -> int:
-    from rr_ray.serving.app import serve_run
+    from rr_ray.serving.app import ServeArgs, serve_run
+    from rr_ray.serving.llm_app import lora_store_for
 
     backend = args.backend or cfg.generation.backend
-    if backend == "vllm" and not args.lora_store and not args.run.startswith("s3://"):
+    # checked before Ray starts; the app builder applies the same rule
+    if backend == "vllm" and lora_store_for(ServeArgs(run=args.run, lora_store=args.lora_store)) is None:
         raise ConfigError("serve --backend vllm (ray.serve.llm) loads the unlearned LoRA only from object storage: "
                           "give --lora-store s3://bucket/prefix, or serve a run on s3://, or use --backend hf")
     # cfg is the run's run.yaml (--model already applied to it): serve that base model under the run's adapter.

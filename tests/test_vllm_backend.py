@@ -215,12 +215,13 @@ def test_generator_pool_runs_vllm_in_ray_actors(ray_local, model_dir: str, vllm_
     from rr_ray.generation.pool import GeneratorPool
 
     cfg = GenerationConfig(backend="vllm", num_actors=1, cpus_per_actor=1, batch_size=4, dtype="float32",
-                           vllm_cpu_kvcache_gib=1, vllm_max_lora_rank=16)
+                           vllm_cpu_kvcache_gib=1)
     pool = GeneratorPool(cfg, model_dir, model_ref="smollm2-135m-instruct")
     try:
         params = SamplingParams(max_new_tokens=16)
         rows = pool.generate([Request(p) for p in PROMPTS], params)
-        assert [r[0].text for r in rows] == [g[0].text for g in vllm_gen.generate([Request(p) for p in PROMPTS], params)]
+        alone = vllm_gen.generate([Request(p) for p in PROMPTS], params)
+        assert [r[0].text for r in rows] == [g[0].text for g in alone]
         sampled = pool.generate([Request(PROMPTS[2])], SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=1))
         assert len(sampled[0]) == 3
     finally:

@@ -22,10 +22,8 @@ T = TypeVar("T")
 def scorer_spec(cfg: RRConfig) -> dict[str, Any]:
     """What ``Scorer.from_spec`` needs, as plain data (it crosses into Ray tasks and Tune trials)."""
     gen, rel = cfg.generation, cfg.release
-    # the largest adapter ever scored: the composed log of every step plus one candidate PEM
-    rank = (2 * rel.iterations + 1) * rel.lora.r
     return {"backend": cfg.task.scoring_backend, "dtype": cfg.model.dtype, "batch_size": cfg.task.scoring_batch_size,
-            "vllm": {"max_lora_rank": rank, "lora_modules": list(rel.lora.target_modules),
+            "vllm": {"max_lora_rank": rel.max_composed_rank, "lora_modules": list(rel.lora.target_modules),
                      "cpu_kvcache_gib": gen.vllm_cpu_kvcache_gib,
                      "max_loras": gen.vllm_max_loras, "gpu_memory_utilization": gen.vllm_gpu_memory_utilization,
                      "seed": cfg.run.seed}}

@@ -38,15 +38,13 @@ class GeneratorWorker:
         return batch_id, self.generator.generate(requests, params)
 
 
-def backend_kwargs(cfg: GenerationConfig, model_dir: str | Path, seed: int = 0,
-                   lora_modules: list[str] | None = None) -> dict[str, Any]:
-    """Constructor arguments of the configured backend (``lora_modules``: what adapters may target; vllm)."""
+def backend_kwargs(cfg: GenerationConfig, model_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Constructor arguments of the configured backend (a vllm pool serves the base model: no LoRA)."""
     if cfg.backend == "hf":
         return dict(model_dir=str(model_dir), dtype=cfg.dtype, threads=max(1, int(cfg.cpus_per_actor)),
                     batch_size=cfg.batch_size)
-    return dict(model_dir=str(model_dir), dtype=cfg.dtype, max_lora_rank=cfg.vllm_max_lora_rank,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=seed,
-                cpu_kvcache_gib=cfg.vllm_cpu_kvcache_gib, max_loras=cfg.vllm_max_loras, lora_modules=lora_modules)
+    return dict(model_dir=str(model_dir), dtype=cfg.dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                seed=seed, cpu_kvcache_gib=cfg.vllm_cpu_kvcache_gib)
 
 
 class GeneratorPool:

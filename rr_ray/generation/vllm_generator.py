@@ -167,4 +167,4 @@ def lora_rank_bucket(rank: int) -> int:
     for bucket in (1, 8, 16, 32, 64, 128, 256, 320, 512):
         if rank <= bucket:
             return bucket
-    raise ValueError(f"vllm_max_lora_rank {rank} is above vLLM's largest (512)")
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank (512)")

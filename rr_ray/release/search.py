@@ -7,8 +7,9 @@ coefficient. Trials run in parallel on Ray's CPUs (or GPUs); their results are w
 directory, and a killed sweep resumes from Tune's experiment state (``Tuner.restore``).
 
 With ``task.scoring_backend: vllm`` the K candidates are not K trials: one Ray task (one trial's GPUs, or on
-CPU the CPUs of the K trials up to the cluster's) loads one vLLM engine and scores every candidate in one engine call (a different composed adapter
-per request; ``Scorer.score_together``). A killed one is simply run again.
+CPU the CPUs of the K trials up to the cluster's) loads one vLLM engine and scores every candidate in one
+engine call (a different composed adapter per request; ``Scorer.score_together``). A killed one is simply run
+again.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI
-from fastapi import Request as HTTPRequest
+from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, model_validator
@@ -29,23 +28,9 @@ from rr_ray.config import RayConfig
 from rr_ray.generation.base import SamplingParams
 from rr_ray.serving.engines import Chunk, HFEngine, Job, JobStream
 from rr_ray.serving.openai_schema import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    Delta,
-    ModelCard,
-    ModelList,
-    SamplingBody,
-    Usage,
-    error_body,
-    new_id,
-    now,
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, CompletionChoice, CompletionRequest, CompletionResponse, Delta, ModelCard, ModelList,
+    SamplingBody, Usage, error_body, new_id, now,
 )
 
 
@@ -185,18 +170,10 @@ class OpenAIServer:
 
     def __init__(self, args: dict[str, Any]) -> None:
         from rr_ray.models.loader import load_tokenizer, resolve_model
-        from rr_ray.serving.sources import (
-            adapter_from_run,
-            check_adapter_dir,
-            model_from_run,
-        )
+        from rr_ray.serving.sources import model_and_adapter
 
         self.args = a = ServeArgs.model_validate(args)
-        model_ref = a.model or (model_from_run(a.run, a.s3_endpoint_url) if a.run else None)
-        if not model_ref:
-            raise ValueError(f"{a.run}: no run.yaml naming the model; pass model explicitly")
-        adapter = check_adapter_dir(a.adapter) if a.adapter else (
-            adapter_from_run(a.run, a.s3_endpoint_url, a.cache_dir) if a.run else None)
+        model_ref, adapter = model_and_adapter(a.model, a.adapter, a.run, a.s3_endpoint_url, a.cache_dir)
         model_dir = resolve_model(model_ref, a.cache_dir, a.s3_endpoint_url)
         self.tokenizer = load_tokenizer(model_dir)
         # name -> adapter dir (None = base). Without a composed adapter only the base name is served.

@@ -88,17 +88,9 @@ def build_llm_app(a: ServeArgs) -> Application:
     from ray.serve.llm import build_openai_app
 
     from rr_ray.models.loader import resolve_model
-    from rr_ray.serving.sources import (
-        adapter_from_run,
-        check_adapter_dir,
-        model_from_run,
-    )
+    from rr_ray.serving.sources import model_and_adapter
 
-    model_ref = a.model or (model_from_run(a.run, a.s3_endpoint_url) if a.run else None)
-    if not model_ref:
-        raise ValueError(f"{a.run}: no run.yaml naming the model; pass model explicitly")
-    adapter = check_adapter_dir(a.adapter) if a.adapter else (
-        adapter_from_run(a.run, a.s3_endpoint_url, a.cache_dir) if a.run else None)
+    model_ref, adapter = model_and_adapter(a.model, a.adapter, a.run, a.s3_endpoint_url, a.cache_dir)
     store = lora_store_for(a)
     if adapter and store is None:
         raise ValueError("backend vllm serves the unlearned LoRA through Ray Serve LLM, which loads adapters only "

@@ -49,3 +49,13 @@ def check_adapter_dir(path: str) -> str:
     if not (Path(path).expanduser() / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG} (not a PEFT LoRA adapter directory)")
     return str(Path(path).expanduser())
+
+
+def model_and_adapter(model: str | None, adapter: str | None, run: str | None, endpoint_url: str | None = None,
+                      cache_dir: str | None = None) -> tuple[str, str | None]:
+    """What to serve: the base model reference (given, else the run's) and a local composed LoRA dir or None."""
+    model_ref = model or (model_from_run(run, endpoint_url) if run else None)
+    if not model_ref:
+        raise ValueError(f"{run}: no run.yaml naming the model; pass model explicitly")
+    local = check_adapter_dir(adapter) if adapter else (adapter_from_run(run, endpoint_url, cache_dir) if run else None)
+    return model_ref, local
