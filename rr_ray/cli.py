@@ -46,7 +46,7 @@ def _cmd_evaluate(cfg: RRConfig, args: argparse.Namespace) -> int:
         result = evaluate(cfg, adapter=args.adapter, limit=args.limit)
     console.print(metrics_table(result))
     console.print(f"written to [bold]{write_result(cfg, result)}[/bold] "
-                  f"(forget {result['wall_s']['forget']} s, utility {result['wall_s']['utility']} s)")
+                  f"({result['wall_s']} s)")
     print(json.dumps(result))
     return 0
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PACKAGED_MODELS = ("smollm2-135m-instruct",)
+PACKAGED_MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")  # = models.packaged.PACKAGED
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -119,6 +119,17 @@ class TaskConfig(_Section):
     scoring_backend: Literal["hf", "vllm"] = Field(
         "hf", description="Engine for the teacher-forced scores s and u (weight sweep, evaluation). vllm scores "
         "every candidate weight of a sweep in one engine call; the vllm_* fields of generation apply.")
+    forget_metric: Literal["proxy", "exact"] = Field(
+        "proxy", description="What s is: the continuous proxy (likelihood of reference answers) or the task's own "
+        "metric (code: pass@1; ner: Person F1). The rules steer on s; reports show both.")
+    utility_metric: Literal["proxy", "exact"] = Field(
+        "proxy", description="What u is: the proxy or the task's own metric (code: math accuracy; ner: mean F1 "
+        "of the kept types).")
+    code_eval_size: int = Field(
+        64, ge=2, description="Code task: HumanEval problems held out (half choose weights, half are reported); "
+        "the rest (at least num_contexts) are reveal contexts.")
+    utility_data: Literal["asdiv", "gsm8k"] = Field(
+        "asdiv", description="Code task's math side: ASDiv (short answers) or GSM8K (worked solutions).")
     toxicity_samples: int = Field(25, ge=1, description="k sampled continuations per prompt (paper: 25).")
     toxicity_max_new_tokens: int = Field(20, ge=1, description="Continuation length (paper: 20 tokens).")
     toxicity_top_p: float = Field(0.9, gt=0, le=1, description="Nucleus mass for continuations (paper: 0.9).")
@@ -182,13 +193,27 @@ class TrainConfig(_Section):
 
 
 class RulesConfig(_Section):
-    """Merge-weight threshold rules of section 3.2 (defaults are the paper's; 0.4 = the 60 % ablation)."""
+    """Merge-weight threshold rules of section 3.2 and the policy that picks among the candidates meeting them
+    (defaults are the paper's thresholds, and policies that pick the weights of its Tables 7-9 from their rows;
+    forget_ratio 0.4 = the 60 % ablation of section 5.2). See ``release/rules.py``."""
 
-    forget_ratio: float = Field(0.1, gt=0, le=1, description="Accept mu_i when s_i <= ratio * s_{i-1}.")
-    retain_ratio: float = Field(0.95, gt=0, le=1, description="Accept lambda_i when u_i >= ratio * u_{i-1}.")
+    forget_ratio: float = Field(0.1, gt=0, le=1, description="Forget target: s_i <= ratio * s_{i-1}.")
+    retain_ratio: float = Field(0.95, gt=0, le=1, description="Accept lambda_i when u_i >= ratio * u_ref.")
     tradeoff: Literal["relative", "absolute"] = Field(
         "relative", description="Forget trade-off test on fractional drops from the step's start (unit-free) or on "
                                 "the raw differences as the paper writes it (when s and u share a unit).")
+    forget_policy: Literal["target_first", "smallest_accepted"] = Field(
+        "target_first", description="target_first: the smallest |mu| meeting the forget target, else the best "
+        "trade-off that passes the test; smallest_accepted: the smallest |mu| passing either test.")
+    retain_policy: Literal["max_utility", "smallest_accepted"] = Field(
+        "max_utility", description="max_utility: among lambdas meeting the retain rule the highest u (the paper: "
+        "'restore as much utility as possible'); smallest_accepted: the gentlest one meeting it.")
+    retain_reference: Literal["step_start", "before_forget"] = Field(
+        "step_start", description="u_ref of the retain rule: the model at the start of the retain step (the "
+        "paper's 'beginning of the current iteration'), or before the forget step that preceded it (stricter).")
+    on_reject: Literal["zero", "stop"] = Field(
+        "zero", description="A step none of whose weights meets its rule: apply weight 0 and go on, or stop the "
+        "release there. Either way the step is recorded as rejected.")
 
 
 class ReleaseConfig(_Section):
@@ -210,6 +235,16 @@ class ReleaseConfig(_Section):
         None, ge=1, description="Train forget PEMs on at most this many rows (most relevant first; None = all).")
     retain_rows: int = Field(64, ge=1, description="Rows of the task's retain data per retain PEM.")
     eval_limit: int = Field(16, ge=1, description="Items per evaluation subset when scoring s and u.")
+    refine_rounds: int = Field(
+        0, ge=0, description="Rounds of grid refinement per step: each scores midpoints next to the chosen weight "
+        "(the accept boundary of the forget target, the best retain weight) and the rule chooses again.")
+    forget_target: float | None = Field(
+        None, gt=0, le=1, description="Stop after an iteration once s <= this x s_base (iterations is the most).")
+    utility_floor: float | None = Field(
+        None, gt=0, le=1, description="Stop after an iteration once u < this x u_base (iterations is the most).")
+    retain_source: Literal["curated", "self"] = Field(
+        "curated", description="Retain PEM answers: the data set's own, or the base model's answers to the same "
+        "prompts that the task's oracle marks correct (code task: the final number matches).")
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per weight-sweep trial.")
     gpus_per_trial: float = Field(0.0, ge=0, description="Ray GPUs per weight-sweep trial.")
 
@@ -245,6 +280,20 @@ class RRConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
+    def _task_options_exist(self) -> RRConfig:
+        exact = {"code", "ner"}  # = tasks.base.EXACT_METRICS
+        for key in ("forget_metric", "utility_metric"):
+            if getattr(self.task, key) == "exact" and self.task.name not in exact:
+                raise ValueError(f"task.{key}=exact: task {self.task.name!r} has no exact metric other than its "
+                                 f"score (only {sorted(exact)} do)")
+        if self.task.utility_data != "asdiv" and self.task.name != "code":
+            raise ValueError(f"task.utility_data applies to the code task only (task is {self.task.name!r})")
+        if self.release.retain_source == "self" and self.task.name != "code":
+            raise ValueError(f"release.retain_source=self needs an answer oracle, which only the code task has "
+                             f"(task is {self.task.name!r})")
+        return self
+
+    @model_validator(mode="after")
     def _vllm_can_run(self) -> RRConfig:
         if "vllm" not in (self.generation.backend, self.task.scoring_backend):
             return self
@@ -260,6 +309,50 @@ class RRConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields that change only where or how fast a run's work happens, never its results: a run may resume with
+# them changed (e.g. preempted on 4 nodes, resumed on 2).
+RESOURCE_FIELDS = frozenset({
+    "model.cache_dir", "ray.address", "ray.num_cpus", "ray.namespace",
+    "generation.num_actors", "generation.cpus_per_actor", "generation.gpus_per_actor", "generation.batch_size",
+    "generation.max_restarts", "generation.max_task_retries", "generation.vllm_gpu_memory_utilization",
+    "generation.vllm_cpu_kvcache_gib", "generation.vllm_max_loras", "task.scoring_batch_size",
+    "reveal.decode_batch_size", "release.cpus_per_trial", "release.gpus_per_trial",
+    "release.train.num_workers", "release.train.cpus_per_worker", "release.train.use_gpu",
+    "release.train.max_failures",
+})
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(stored_yaml: str, cfg: RRConfig) -> tuple[list[str], list[str]]:
+    """(fields whose change alters results, resource-only fields changed) between a run's stored run.yaml and
+    ``cfg``. A field the stored config lacks (added by a newer rr-ray) counts as unchanged when ``cfg`` holds
+    its default: the older run ran with that behaviour."""
+    try:
+        stored = yaml.safe_load(stored_yaml)
+    except yaml.YAMLError:
+        stored = None
+    if not isinstance(stored, dict):
+        return ["run.yaml (unreadable)"], []
+    old, new = _flatten(stored), _flatten(cfg.model_dump(mode="json"))
+    default = _flatten(RRConfig().model_dump(mode="json"))
+    refused, allowed = [], []
+    for key in sorted(set(old) | set(new)):
+        before = old.get(key, default.get(key)) if key not in old and key in default else old.get(key, "<absent>")
+        if before == new.get(key, "<absent>"):
+            continue
+        (allowed if key in RESOURCE_FIELDS else refused).append(key)
+    return refused, allowed
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

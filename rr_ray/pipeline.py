@@ -14,7 +14,7 @@ import ray
 from rich.console import Console
 
 from rr_ray import cluster
-from rr_ray.config import ConfigError, RRConfig
+from rr_ray.config import ConfigError, RRConfig, config_changes
 from rr_ray.models.loader import describe_model, resolve_model
 from rr_ray.storage import RunDir, localize
 
@@ -22,17 +22,30 @@ console = Console(stderr=True)
 
 
 def open_run(cfg: RRConfig) -> RunDir:
-    """Open the run directory and record the resolved config; refuse a directory of another config."""
+    """Open the run directory and record the resolved config; refuse a directory of another config.
+
+    Resource-only fields (``config.RESOURCE_FIELDS``: worker counts, CPUs/GPUs, batching) may change when a
+    run resumes; run.yaml then records the new values and ``resumes.jsonl`` what changed. Any other change is
+    refused, naming the field.
+    """
     run = RunDir.open(cfg.run.dir, endpoint_url=cfg.run.s3_endpoint_url)
     resolved = cfg.to_yaml()
     if run.exists("run.yaml"):
-        if run.read_text("run.yaml") != resolved:
+        stored = run.read_text("run.yaml")
+        if stored == resolved:
+            return run
+        refused, allowed = config_changes(stored, cfg)
+        if refused:
+            more = f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""
             raise ConfigError(
-                f"{run.uri}: holds a run with a different config (see its run.yaml); "
-                "choose another run.dir or delete it"
+                f"{run.uri}: holds a run with a different config ({refused[0]} differs{more}; see its run.yaml); "
+                "only resource fields may change on resume: choose another run.dir or delete it"
             )
-    else:
-        run.write_text("run.yaml", resolved)
+        if allowed:
+            console.print(f"resuming with changed resources: {', '.join(allowed)}")
+            rows = run.read_jsonl("resumes.jsonl") if run.exists("resumes.jsonl") else []
+            run.write_jsonl("resumes.jsonl", rows + [{"time": time.time(), "changed": allowed}])
+    run.write_text("run.yaml", resolved)
     return run
 
 

@@ -92,3 +92,32 @@ def test_non_utf8_or_binary_config_is_one_line(tmp_path: Path, data: bytes) -> N
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_allows_resource_changes_and_names_a_result_field() -> None:
+    from rr_ray.config import config_changes
+
+    cfg = load_config(None, ["release.train.num_workers=4", "generation.num_actors=4"])
+    stored = cfg.to_yaml()
+    moved = load_config(None, ["release.train.num_workers=2", "generation.num_actors=1"])
+    assert config_changes(stored, moved) == ([], ["generation.num_actors", "release.train.num_workers"])
+    changed = load_config(None, ["release.train.num_workers=2", "release.lora.r=16"])
+    refused, allowed = config_changes(stored, changed)
+    assert refused == ["release.lora.r"] and allowed == ["generation.num_actors", "release.train.num_workers"]
+    # a run recorded before a field existed resumes when the field holds its default, not otherwise
+    old = yaml.safe_load(stored)
+    del old["release"]["refine_rounds"]
+    assert config_changes(yaml.safe_dump(old), cfg) == ([], [])
+    assert config_changes(yaml.safe_dump(old), load_config(None, ["release.train.num_workers=4",
+        "generation.num_actors=4", "release.refine_rounds=2"]))[0] == ["release.refine_rounds"]
+    assert config_changes("[1, 2]", cfg)[0] == ["run.yaml (unreadable)"]
+
+
+def test_task_options_are_checked_at_load() -> None:
+    for override, needle in (("task.forget_metric=exact", "has no exact metric"),
+                             ("task.utility_data=gsm8k", "code task only"),
+                             ("release.retain_source=self", "answer oracle")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, ["task.name=toxicity", override])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quality.yaml")
+    assert (cfg.task.forget_metric, cfg.task.utility_metric, cfg.task.utility_data) == ("exact", "exact", "gsm8k")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rr_ray.config import load_config
-from rr_ray.release.loop import plan, run_release, step_label
+from rr_ray.release.loop import plan, run_release, step_label, stop_reason
 from rr_ray.release.pem import EditLog
 from rr_ray.storage import RunDir
 
@@ -23,6 +23,23 @@ def test_step_labels() -> None:
     assert step_label({"kind": "base"}) == "Base model"
     assert step_label({"kind": "forget", "step": "mu_0", "coef": -2.0}) == "-mu_0 = -2"
     assert step_label({"kind": "retain", "step": "lambda_1", "coef": 0.3}) == "+lambda_1 = +0.3"
+
+
+def test_stop_conditions_after_a_forget_step() -> None:
+    base = {"index": 0, "step": "base", "kind": "base", "s": 0.5, "u": 0.2}
+    mu = {"index": 1, "step": "mu_0", "kind": "forget", "accepted": True, "s": 0.04, "u": 0.19}
+    lam = {"index": 2, "step": "lambda_1", "kind": "retain", "accepted": True, "s": 0.2, "u": 0.05}
+    cfg = load_config(None, ["release.forget_target=0.1", "release.utility_floor=0.85", "release.iterations=3"])
+    assert "forget target met" in stop_reason(cfg, [base, mu])
+    assert stop_reason(cfg, [base, mu, lam]) is None  # only complete iterations end the release
+    weak = mu | {"s": 0.3}
+    assert stop_reason(cfg, [base, weak]) is None
+    assert "utility below its floor" in stop_reason(cfg, [base, weak | {"u": 0.1}])
+    rejected = weak | {"accepted": False}
+    assert stop_reason(cfg, [base, rejected]) is None  # on_reject: zero goes on
+    stop = load_config(None, ["release.rules.on_reject=stop"])
+    assert "on_reject: stop" in stop_reason(stop, [base, rejected])
+    assert stop_reason(load_config(None), [base, mu]) is None  # no target set: iterations decide
 
 
 def _config(tmp: Path, model: Path, forget: Path):
@@ -45,18 +62,22 @@ def test_release_loop_writes_every_step_and_resumes(tiny_model_dir: Path, tmp_pa
     summary = run_release(cfg, run)
 
     log = EditLog.from_json(run.read_json("edit_log.json"))
-    assert [e.step for e in log.edits] == ["mu_0", "lambda_1", "mu_1"]
-    assert log.edits[0].coef in (-1.0, -4.0) and log.edits[1].coef in (0.5, 1.0) and log.edits[2].coef < 0
     steps = run.read_json("release/steps.json")
     assert [s["step"] for s in steps] == ["base", "mu_0", "lambda_1", "mu_1"]
+    # Accepted steps are in the edit log; a rejected one applied 0 and kept its best candidate on record only.
+    assert [e.step for e in log.edits] == [r["step"] for r in steps[1:] if r["accepted"]]
+    assert all(e.coef == r["coef"] != 0 for e, r in zip(log.edits, [r for r in steps[1:] if r["accepted"]]))
     for rec in steps[1:]:
         trials = run.read_jsonl(f"release/{rec['step']}/trials.jsonl")
-        assert len(trials) == 2 and rec["coef"] in [t["coef"] for t in trials]
+        assert len(trials) == 2 and rec["best_candidate"] in [t["coef"] for t in trials]
+        if not rec["accepted"]:
+            assert rec["coef"] == 0.0 and (rec["s"], rec["u"]) == (steps[rec["index"] - 1]["s"],
+                                                                   steps[rec["index"] - 1]["u"])
         assert run.exists(f"release/{rec['step']}/adapter/adapter_config.json")
-        assert run.exists(f"release/{rec['step']}/composed/adapter_config.json")
-    # The final composed LoRA stacks all three PEMs: its rank is the sum of theirs.
+    assert log.edits, "the tiny model accepted no step: the test no longer exercises composition"
+    # The final composed LoRA stacks the applied PEMs: its rank is the sum of theirs.
     final = json.loads(run.read_text("release/composed/adapter_config.json"))
-    assert final["r"] == 3 * 4
+    assert final["r"] == len(log.edits) * 4
     assert run.read_bytes("release/metrics.png")[:4] == b"\x89PNG"
     assert summary["s_final"] == steps[-1]["s"] and summary["s_base"] == steps[0]["s"]
 

@@ -12,7 +12,7 @@ from rr_ray.config import RRConfig
 from rr_ray.evaluation.scoring import Scorer, scorer_spec
 from rr_ray.models.loader import resolve_model
 from rr_ray.storage import RunDir
-from rr_ray.tasks.base import get_task
+from rr_ray.tasks.base import get_task, steering_scores
 
 
 def evaluate(cfg: RRConfig, adapter: str | None = None, limit: int | None = None,
@@ -24,13 +24,11 @@ def evaluate(cfg: RRConfig, adapter: str | None = None, limit: int | None = None
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
     scorer = scorer or Scorer.from_spec(model_dir, scorer_spec(cfg))
     t0 = time.perf_counter()
-    forget = task.forget_score(scorer, adapter, limit)
-    t1 = time.perf_counter()
-    utility = task.utility_score(scorer, adapter, limit)
+    forget, utility = steering_scores(task, cfg.task, scorer, adapter, limit)
     t2 = time.perf_counter()
     return {"task": cfg.task.name, "model": cfg.model.name_or_path, "model_dir": model_dir,
             "adapter": adapter, "limit": limit, "forget": forget, "utility": utility,
-            "wall_s": {"forget": round(t1 - t0, 2), "utility": round(t2 - t1, 2)}}
+            "wall_s": round(t2 - t0, 2)}
 
 
 def metrics_table(result: dict[str, Any]) -> Table:

@@ -7,10 +7,11 @@ current composed model (Ray Train), sweeps its coefficient (Ray Tune) and applie
 rule picks. After every step the run directory holds the PEM, the composed model so far, the trials, the
 decision and ``edit_log.json``; a rerun skips finished steps and resumes the unfinished one.
 
-Rule references (section 3.2, "compared to the beginning of the current iteration"): mu_i is judged
-against the model just before it; lambda_i is judged against the utility the model had before the forget
-step that preceded it, since the retain PEM exists to win back what that subtraction cost. How the forget
-trade-off test compares an s drop with a u drop is ``release.rules.tradeoff`` (see ``rules.py``).
+Rule references (section 3.2, "compared to the beginning of the current iteration"): mu_i is judged against
+the model just before it, and so is lambda_i by default (``rules.retain_reference``; ``before_forget`` judges it
+against the utility before the preceding forget step instead). Which accepted weight wins, what a rejected step
+applies, and grid refinement are ``release.rules`` / ``release.refine_rounds`` (see ``rules.py``).
+``release.iterations`` is the most iterations; ``forget_target`` / ``utility_floor`` end the release earlier.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from rr_ray.config import RRConfig
+from rr_ray.config import RRConfig, RulesConfig
 from rr_ray.evaluation.scoring import scorer_spec
 from rr_ray.release.pem import Edit, EditLog, compose
-from rr_ray.release.rules import Candidate, choose_forget, choose_retain
+from rr_ray.release.rules import Candidate, Decision, choose_forget, choose_retain, refine_points
 from rr_ray.release.search import sweep
 from rr_ray.release.train import train_pem
 from rr_ray.storage import RunDir, localize
@@ -102,10 +103,32 @@ def _train(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], cu
     return info
 
 
+def _sweep(cfg: RRConfig, run: RunDir, step: str, kind: str, current: str | None, coefs: list[float],
+           name: str) -> tuple[list[dict[str, Any]], float, bool]:
+    result = sweep(model=cfg.model.name_or_path, current=current, adapter=_uri(run, f"release/{step}/adapter"),
+                   kind=kind, step=step, coefs=coefs, task_cfg=cfg.task, limit=cfg.release.eval_limit,
+                   storage_uri=_uri(run, "ray"), name=name, scorer=scorer_spec(cfg),
+                   cpus_per_trial=cfg.release.cpus_per_trial, gpus_per_trial=cfg.release.gpus_per_trial,
+                   endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
+    return result.trials, result.seconds, result.restored
+
+
+def _decide(kind: str, ref: dict[str, float], trials: list[dict[str, Any]], rules: RulesConfig) -> Decision:
+    candidates = [Candidate(t["coef"], t["s"], t["u"]) for t in trials]
+    if kind == "forget":
+        return choose_forget(ref["s"], ref["u"], candidates, rules)
+    return choose_retain(ref["s"], ref["u"], candidates, rules)
+
+
 def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: EditLog,
              history: list[dict[str, Any]], rows: list[dict[str, str]], console: Console) -> tuple[EditLog, dict]:
-    """Train, sweep and apply one step; returns the new edit log and the step's record."""
+    """Train, sweep (and refine) and apply one step; returns the new edit log and the step's record.
+
+    A step whose rule no candidate meets applies weight 0 (the record keeps the rejected best candidate); with
+    ``rules.on_reject: stop`` the caller ends the release after it.
+    """
     t0 = time.perf_counter()
+    rules = cfg.release.rules
     current = _uri(run, f"release/{history[-1]['step']}/composed") if log.edits else None
     console.print(f"[bold]release {step}[/]: training the {kind} PEM on {len(rows)} rows "
                   f"({cfg.release.train.num_workers} Ray Train worker(s), {cfg.release.train.strategy})")
@@ -116,40 +139,50 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
     if not history:
         coefs.append(0.0)  # the first sweep also scores the base model, on the same data
     console.print(f"release {step}: sweeping {len(coefs)} coefficients with Ray Tune")
-    result = sweep(model=cfg.model.name_or_path, current=current, adapter=_uri(run, f"release/{step}/adapter"),
-                   kind=kind, step=step, coefs=coefs, task_cfg=cfg.task, limit=cfg.release.eval_limit,
-                   storage_uri=_uri(run, "ray"), name=f"tune-{step}", scorer=scorer_spec(cfg),
-                   cpus_per_trial=cfg.release.cpus_per_trial, gpus_per_trial=cfg.release.gpus_per_trial,
-                   endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
-    trials = result.trials
+    trials, sweep_s, restored = _sweep(cfg, run, step, kind, current, coefs, f"tune-{step}")
     if not history:
         base = next(t for t in trials if t["coef"] == 0.0)
         history.append({"index": 0, "step": "base", "kind": "base", "coef": 0.0, "s": base["s"], "u": base["u"]})
         run.write_json("release/base.json", {"s": base["s"], "u": base["u"]})
         trials = [t for t in trials if t["coef"] != 0.0]
-    run.write_jsonl(f"release/{step}/trials.jsonl", trials)
-    candidates = [Candidate(t["coef"], t["s"], t["u"]) for t in trials]
     prev = history[-1]
-    if kind == "forget":
-        ref = {"s": prev["s"], "u": prev["u"]}
-        decision = choose_forget(ref["s"], ref["u"], candidates, cfg.release.rules)
-    else:  # judged against the utility before the preceding forget step (see the module docstring)
-        ref = {"s": prev["s"], "u": history[-2]["u"]}
-        decision = choose_retain(ref["s"], ref["u"], candidates, cfg.release.rules)
-    chosen = next(t for t in trials if t["coef"] == decision.coef)
-    log = log.then(Edit(adapter=f"release/{step}/adapter", coef=decision.coef, kind=kind, step=step))
+    ref = {"s": prev["s"], "u": prev["u"]}
+    if kind == "retain" and rules.retain_reference == "before_forget":
+        ref["u"] = history[-2]["u"]
+    decision = _decide(kind, ref, trials, rules)
+    for r in range(1, cfg.release.refine_rounds + 1):
+        scored = {t["coef"] for t in trials}
+        points = [c for c in refine_points(kind, [Candidate(t["coef"], t["s"], t["u"]) for t in trials], decision,
+                                           ref["s"], rules) if c not in scored]
+        if not points:
+            break
+        console.print(f"release {step}: refinement {r}: scoring {', '.join(f'{c:+g}' for c in points)}")
+        more, more_s, more_restored = _sweep(cfg, run, step, kind, current, points, f"tune-{step}-r{r}")
+        trials = sorted(trials + more, key=lambda t: (abs(t["coef"]), t["coef"]))
+        sweep_s, restored = sweep_s + more_s, restored or more_restored
+        decision = _decide(kind, ref, trials, rules)
+    run.write_jsonl(f"release/{step}/trials.jsonl", trials)
+    if decision.accepted:
+        applied = decision.coef
+        chosen = next(t for t in trials if t["coef"] == applied)
+        log = log.then(Edit(adapter=f"release/{step}/adapter", coef=applied, kind=kind, step=step))
+    else:  # never bake in an edit its rule rejected
+        applied, chosen = 0.0, {"s": prev["s"], "u": prev["u"]}
     _compose_to_run(log, run, f"release/{step}/composed", cfg.run.s3_endpoint_url)
-    record = {"index": index, "step": step, "kind": kind, "coef": decision.coef, "accepted": decision.accepted,
-              "reason": decision.reason, "s": chosen["s"], "u": chosen["u"], "reference": ref, "trials": trials,
-              "train": train_info, "sweep_restored": result.restored,
-              "seconds": {"train": round(t1 - t0, 1), "sweep": round(result.seconds, 1),
+    record = {"index": index, "step": step, "kind": kind, "coef": applied, "accepted": decision.accepted,
+              "best_candidate": decision.coef, "reason": decision.reason, "s": chosen["s"], "u": chosen["u"],
+              "reference": ref, "trials": trials, "train": train_info, "sweep_restored": restored,
+              "seconds": {"train": round(t1 - t0, 1), "sweep": round(sweep_s, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     run.write_json(f"release/{step}/step.json", record)
     run.write_json(EDIT_LOG, log.to_json())
-    run.mark_done(f"release-{step}", {"coef": decision.coef, "accepted": decision.accepted})
-    mark = "accepted" if decision.accepted else "NOT accepted (best trade-off applied)"
-    console.print(f"release {step}: coefficient {decision.coef:+g} {mark}: s {chosen['s']:.4g}, u {chosen['u']:.4g} "
-                  f"({decision.reason})")
+    run.mark_done(f"release-{step}", {"coef": applied, "accepted": decision.accepted})
+    if decision.accepted:
+        console.print(f"release {step}: coefficient {applied:+g} accepted: s {chosen['s']:.4g}, u {chosen['u']:.4g} "
+                      f"({decision.reason})")
+    else:
+        then = "release stops here" if rules.on_reject == "stop" else "weight 0 applied"
+        console.print(f"[yellow]release {step}: no weight met the rule, {then}[/] ({decision.reason})")
     return log, record
 
 
@@ -158,7 +191,15 @@ def step_label(rec: dict[str, Any]) -> str:
     if rec["kind"] == "base":
         return "Base model"
     name, i = rec["step"].split("_")
-    return f"{'-' if rec['coef'] < 0 else '+'}{name}_{i} = {rec['coef']:+g}"
+    return f"{'-' if rec['kind'] == 'forget' else '+'}{name}_{i} = {rec['coef']:+g}"
+
+
+def _rule_text(rec: dict[str, Any]) -> str:
+    if rec["kind"] == "base":
+        return ""
+    if rec["accepted"]:
+        return "accepted"
+    return f"none met: 0 applied (best {rec.get('best_candidate', rec['coef']):+g})"
 
 
 def steps_table(history: list[dict[str, Any]], title: str = "release steps") -> Table:
@@ -167,7 +208,7 @@ def steps_table(history: list[dict[str, Any]], title: str = "release steps") -> 
         table.add_column(col, justify="left" if col in ("weight applied", "rule") else "right")
     s0, u0 = history[0]["s"], history[0]["u"]
     for rec in history:
-        rule = "" if rec["kind"] == "base" else ("accepted" if rec["accepted"] else "none met: best trade-off")
+        rule = _rule_text(rec)
         table.add_row(str(rec["index"]), step_label(rec), f"{rec['s']:.4g}", f"{rec['u']:.4g}",
                       f"{rec['s'] / s0:.3f}", f"{rec['u'] / u0:.3f}", rule)
     return table
@@ -178,7 +219,7 @@ def steps_markdown(history: list[dict[str, Any]]) -> str:
     lines = ["| step | weight applied | s (forget) | u (utility) | s / s_base | u / u_base | rule |",
              "|---:|---|---:|---:|---:|---:|---|"]
     for rec in history:
-        rule = "" if rec["kind"] == "base" else ("accepted" if rec["accepted"] else "none met: best trade-off")
+        rule = _rule_text(rec)
         lines.append(f"| {rec['index']} | {step_label(rec)} | {rec['s']:.4g} | {rec['u']:.4g} | "
                      f"{rec['s'] / s0:.3f} | {rec['u'] / u0:.3f} | {rule} |")
     return "\n".join(lines) + "\n"
@@ -210,16 +251,69 @@ def plot_steps(history: list[dict[str, Any]], task: str) -> bytes:
     return buf.getvalue()
 
 
+def stop_reason(cfg: RRConfig, history: list[dict[str, Any]]) -> str | None:
+    """Why the release ends after the last recorded step, or None to go on (checked after each forget step)."""
+    last, rel = history[-1], cfg.release
+    if last["kind"] != "forget":
+        return None
+    if not last["accepted"] and rel.rules.on_reject == "stop":
+        return f"{last['step']}: no weight met the forget rule (rules.on_reject: stop)"
+    s0, u0 = history[0]["s"], history[0]["u"]
+    if rel.forget_target is not None and last["s"] <= rel.forget_target * s0:
+        return f"forget target met: s {last['s']:.4g} <= {rel.forget_target:g} x s_base {s0:.4g}"
+    if rel.utility_floor is not None and last["u"] < rel.utility_floor * u0:
+        return f"utility below its floor: u {last['u']:.4g} < {rel.utility_floor:g} x u_base {u0:.4g}"
+    return None
+
+
+def self_retain_rows(cfg: RRConfig, run: RunDir, task: Any, n: int) -> list[dict[str, str]]:
+    """Retain rows answered by the base model itself and kept where the task's oracle says the answer is right
+    (``release.retain_source: self``); generated once, as a Ray task, and kept in ``release/retain_self.jsonl``."""
+    import ray
+
+    rel = "release/retain_self.jsonl"
+    if run.exists(rel):
+        return run.read_jsonl(rel)[:n]
+    prompts = [r["prompt"] for r in task.retain_data(3 * n)]
+
+    def answer(cfg_yaml: str, prompts: list[str]) -> list[str]:
+        from rr_ray.config import config_from_text
+        from rr_ray.evaluation.scoring import Scorer, scorer_spec
+        from rr_ray.generation.base import SamplingParams
+        from rr_ray.models.loader import resolve_model
+
+        c = config_from_text(cfg_yaml, "run.yaml")
+        model_dir = resolve_model(c.model.name_or_path, c.model.cache_dir, c.run.s3_endpoint_url)
+        scorer = Scorer.from_spec(model_dir, scorer_spec(c) | {"backend": "hf"},
+                                  threads=int(c.generation.cpus_per_actor))
+        return [o[0] for o in scorer.generate(prompts, SamplingParams(max_new_tokens=c.task.eval_max_new_tokens))]
+
+    remote = ray.remote(num_cpus=cfg.generation.cpus_per_actor, num_gpus=cfg.generation.gpus_per_actor)(answer)
+    replies = ray.get(remote.remote(cfg.to_yaml(), prompts))
+    rows = [{"prompt": p, "response": r.strip()} for p, r in zip(prompts, replies) if task.check_retain(p, r)]
+    if not rows:
+        raise ValueError(f"release.retain_source=self: the base model answered none of {len(prompts)} retain "
+                         "prompts correctly; use retain_source: curated")
+    run.write_jsonl(rel, rows)
+    run.write_json("release/retain_self.json", {"asked": len(prompts), "correct": len(rows)})
+    return rows[:n]
+
+
 def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> dict[str, Any]:
-    """All steps of equation 1 (skipping finished ones); Ray must be initialised. Returns a summary."""
+    """The steps of equation 1 (skipping finished ones) until ``iterations`` or a stop condition; Ray must be
+    initialised. Returns a summary."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     task = get_task(cfg.task)
     forget_rows = load_forget_rows(cfg, run)
-    retain_rows = task.retain_data(cfg.release.retain_rows)
+    if cfg.release.retain_source == "self":
+        retain_rows = self_retain_rows(cfg, run, task, cfg.release.retain_rows)
+        console.print(f"release: {len(retain_rows)} self-generated retain rows (answers the oracle marks correct)")
+    else:
+        retain_rows = task.retain_data(cfg.release.retain_rows)
     if not retain_rows:
         raise ValueError(f"task {cfg.task.name}: no retain data for the retain PEMs")
-    log, history = EditLog(cfg.model.name_or_path), []
+    log, history, stopped = EditLog(cfg.model.name_or_path), [], None
     for index, (step, kind) in enumerate(plan(cfg.release.iterations), start=1):
         if run.is_done(f"release-{step}"):
             rec = run.read_json(f"release/{step}/step.json")
@@ -227,12 +321,16 @@ def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> d
                 history.append({"index": 0, "step": "base", "kind": "base", "coef": 0.0,
                                 **run.read_json("release/base.json")})
             history.append(rec)
-            log = log.then(Edit(adapter=f"release/{step}/adapter", coef=rec["coef"], kind=kind, step=step))
+            if rec["coef"] != 0.0:
+                log = log.then(Edit(adapter=f"release/{step}/adapter", coef=rec["coef"], kind=kind, step=step))
             console.print(f"release {step}: already done (coefficient {rec['coef']:+g}), skipped")
-            continue
-        rows = forget_rows if kind == "forget" else retain_rows
-        log, rec = run_step(cfg, run, index, step, kind, log, history, rows, console)
-        history.append(rec)
+        else:
+            rows = forget_rows if kind == "forget" else retain_rows
+            log, rec = run_step(cfg, run, index, step, kind, log, history, rows, console)
+            history.append(rec)
+        if (stopped := stop_reason(cfg, history)) is not None:
+            console.print(f"release: stopping after {step}: {stopped}")
+            break
     final = _compose_to_run(log, run, FINAL_ADAPTER, cfg.run.s3_endpoint_url)
     run.write_json("release/steps.json", history)
     run.write_text("release/steps.md", steps_markdown(history))
@@ -241,7 +339,7 @@ def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> d
     s0, u0, s1, u1 = history[0]["s"], history[0]["u"], history[-1]["s"], history[-1]["u"]
     summary = {"steps": len(history) - 1, "edit_log": log.to_json(), "composed_adapter": final,
                "s_base": s0, "u_base": u0, "s_final": s1, "u_final": u1,
-               "forget_drop": 1 - s1 / s0, "utility_kept": u1 / u0,
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "forget_drop": 1 - s1 / s0 if s0 else 0.0, "utility_kept": u1 / u0 if u0 else 0.0,
+               "stopped": stopped, "seconds": round(time.perf_counter() - t0, 1)}
     run.mark_done("release", {k: v for k, v in summary.items() if k != "edit_log"})
     return summary

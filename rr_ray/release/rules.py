@@ -11,8 +11,10 @@ The trade-off test subtracts a utility drop from a forget drop, which compares l
 share a unit (the paper's are both pass@1). ``tradeoff: relative`` (default) compares the fractional drops from
 the start of the step, (s_{i-1} - s_i) / s_{i-1} > (u_{i-1} - u_i) / u_{i-1}, which is unit-free;
 ``tradeoff: absolute`` is the paper's formula as written, for tasks whose s and u are in one unit.
-Among accepted candidates the smallest |coefficient| wins: the gentlest edit that meets the rule. When none is
-accepted the best trade-off is returned with accepted=False, so the caller can log and decide.
+Which accepted candidate wins is a policy (``forget_policy`` / ``retain_policy``, documented on the functions);
+the defaults pick the weights of the paper's Tables 7-9 given their rows. When none is accepted the best
+trade-off is returned with accepted=False and the caller applies 0 or stops (``on_reject``), never that
+candidate. ``refine_points`` proposes weights between grid points next to the choice (``refine_rounds``).
 """
 
 from __future__ import annotations
@@ -80,35 +82,87 @@ def _smallest(accepted: list[Candidate]) -> Candidate:
     return min(accepted, key=lambda c: (abs(c.coef), c.coef))
 
 
+def meets_target(prev_s: float, s: float, rules: RulesConfig) -> bool:
+    """The forget target of section 3.2: at least (1 - forget_ratio) of the step's forget score is gone."""
+    return _finite(prev_s, s) and s <= rules.forget_ratio * prev_s
+
+
 def choose_forget(prev_s: float, prev_u: float, candidates: Sequence[Candidate], rules: RulesConfig) -> Decision:
-    """mu_i: the accepted coefficient of smallest magnitude; else the largest (s drop - u drop), not accepted."""
+    """mu_i by ``rules.forget_policy``; when no candidate passes, the best trade-off, not accepted.
+
+    target_first (default): the smallest |mu| that meets the forget target; if none does, the candidate with the
+    largest trade-off margin among those passing the trade-off test. This reproduces the paper's picks: Table 9's
+    mu_0 = 4 takes MBPP 0.659 -> 0.053 (the target), Table 8's mu_0 = 5 only passes the trade-off test.
+    smallest_accepted: the smallest |mu| passing either test (a gentle edit that barely trades may win).
+    """
     _require(candidates)
     accepted = [c for c in candidates if accept_forget(prev_s, prev_u, c.s, c.u, rules)]
+    on_target = [c for c in accepted if meets_target(prev_s, c.s, rules)]
+    if rules.forget_policy == "target_first" and on_target:
+        c = _smallest(on_target)
+        return Decision(c.coef, True, f"smallest |coef| meeting the forget target ({len(on_target)}/"
+                                      f"{len(candidates)} do): s {c.s:.4g} <= {rules.forget_ratio:g} * {prev_s:.4g}", c)
+    if rules.forget_policy == "target_first" and accepted:
+        c = max(accepted, key=lambda c: (tradeoff_margin(prev_s, prev_u, c.s, c.u, rules), -abs(c.coef)))
+        return Decision(c.coef, True, f"no candidate meets the forget target; best trade-off of the {len(accepted)} "
+                                      f"passing: {_drops(prev_s, prev_u, c, rules)}", c)
     if accepted:
         c = _smallest(accepted)
-        why = (f"s {c.s:.4g} <= {rules.forget_ratio:g} * {prev_s:.4g}" if c.s <= rules.forget_ratio * prev_s
+        why = (f"s {c.s:.4g} <= {rules.forget_ratio:g} * {prev_s:.4g}" if meets_target(prev_s, c.s, rules)
                else _drops(prev_s, prev_u, c, rules))
         return Decision(c.coef, True, f"smallest |coef| accepted of {len(accepted)}/{len(candidates)}: {why}", c)
     scored = [c for c in candidates if _finite(c.s, c.u)] or list(candidates)
     c = max(scored, key=lambda c: (tradeoff_margin(prev_s, prev_u, c.s, c.u, rules) if _finite(c.s, c.u)
                                    else -math.inf, -abs(c.coef)))
     return Decision(c.coef, False, f"no candidate met the forget rule; best trade-off "
-                                   f"({_drops(prev_s, prev_u, c, rules)}) reported, not accepted", c)
+                                   f"({_drops(prev_s, prev_u, c, rules)}) was not applied", c)
 
 
-def choose_retain(prev_s: float, prev_u: float, candidates: Sequence[Candidate], rules: RulesConfig) -> Decision:
-    """lambda_i: the accepted coefficient of smallest magnitude; else the one with the highest u, not accepted.
+def choose_retain(prev_s: float, ref_u: float, candidates: Sequence[Candidate], rules: RulesConfig) -> Decision:
+    """lambda_i by ``rules.retain_policy`` among candidates with u >= retain_ratio * ref_u; when none passes, the
+    highest u, not accepted.
 
-    prev_s is not part of the rule; it breaks ties between equal-u fallbacks (lower s preferred).
+    max_utility (default): the highest u among those accepted, i.e. "restore as much utility as possible" (Table
+    9's lambda_1 = 1 lifts GSM8K 0.5959 -> 0.6823, judged against the step's start). smallest_accepted: the
+    smallest |lambda| accepted. prev_s breaks ties between equal-u candidates (lower s preferred).
     """
     _require(candidates)
-    accepted = [c for c in candidates if accept_retain(prev_u, c.u, rules)]
+    accepted = [c for c in candidates if accept_retain(ref_u, c.u, rules)]
     if accepted:
-        c = _smallest(accepted)
-        return Decision(c.coef, True, (f"smallest |coef| accepted of {len(accepted)}/{len(candidates)}: "
-                                       f"u {c.u:.4g} >= {rules.retain_ratio:g} * {prev_u:.4g}"), c)
+        if rules.retain_policy == "max_utility":
+            c = max(accepted, key=lambda c: (c.u, -c.s, -abs(c.coef)))
+            how = "highest u"
+        else:
+            c, how = _smallest(accepted), "smallest |coef|"
+        return Decision(c.coef, True, (f"{how} of the {len(accepted)}/{len(candidates)} accepted: "
+                                       f"u {c.u:.4g} >= {rules.retain_ratio:g} * {ref_u:.4g}"), c)
     scored = [c for c in candidates if _finite(c.u)] or list(candidates)
     c = max(scored, key=lambda c: (c.u if _finite(c.u) else -math.inf,
                                    -(c.s - prev_s) if _finite(c.s) else -math.inf, -abs(c.coef)))
     return Decision(c.coef, False, (f"no candidate met the retain rule (u >= {rules.retain_ratio:g} * "
-                                    f"{prev_u:.4g}); highest u {c.u:.4g} reported, not accepted"), c)
+                                    f"{ref_u:.4g}); highest u {c.u:.4g} was not applied"), c)
+
+
+def refine_points(kind: str, candidates: Sequence[Candidate], decision: Decision, prev_s: float,
+                  rules: RulesConfig) -> list[float]:
+    """Signed coefficients to score next so the rule can choose more finely than the grid.
+
+    Forget: the midpoint between the chosen |mu| and the largest smaller |mu| on the grid (0 when none) when
+    the chosen one meets the target (is a smaller weight enough?), or between it and the next larger one
+    otherwise (does a little more reach the target?). Retain: the midpoints on both sides of the chosen lambda.
+    Nothing when no candidate was accepted or the neighbours are too close to matter.
+    """
+    if not decision.accepted:
+        return []
+    sign = -1.0 if kind == "forget" else 1.0
+    mags = sorted({abs(c.coef) for c in candidates} | {0.0})
+    w = abs(decision.coef)
+    below = max((m for m in mags if m < w), default=None)
+    above = min((m for m in mags if m > w), default=None)
+    if kind == "forget":
+        hit = decision.candidate is not None and meets_target(prev_s, decision.candidate.s, rules)
+        sides = [below] if hit else [above]
+    else:
+        sides = [below, above]
+    points = [(w + m) / 2 for m in sides if m is not None and abs(w - m) > 0.05 * max(w, m)]
+    return [sign * round(p, 6) for p in points if p > 0]

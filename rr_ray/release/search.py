@@ -48,10 +48,12 @@ def _scorer(model_dir: str, spec: dict[str, Any], threads: int) -> Any:
     return _SCORERS[key]
 
 
-def _s_and_u(task: Any, adapter: str | None, limit: int | None, scorer: Any) -> dict[str, float]:
+def _s_and_u(task: Any, task_cfg: TaskConfig, adapter: str | None, limit: int | None,
+             scorer: Any) -> dict[str, float]:
+    from rr_ray.tasks.base import steering_scores
+
     # weights are chosen on the validation half; evaluation reports the test half
-    forget = task.forget_score(scorer, adapter, limit, full=False, part="validation")
-    utility = task.utility_score(scorer, adapter, limit, full=False, part="validation")
+    forget, utility = steering_scores(task, task_cfg, scorer, adapter, limit, full=False, part="validation")
     return {"s": float(forget["s"]), "u": float(utility["u"])}
 
 
@@ -70,7 +72,9 @@ def score_edit_logs(logs: list[EditLog], *, model_dir: str, task_cfg: TaskConfig
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rr-ray-cand-"))
             adapter = compose(log, Path(tmp) / uuid.uuid4().hex)
             adapters.append(str(adapter) if adapter else None)
-        jobs = [functools.partial(_s_and_u, task, a, limit) for a in adapters]
+        jobs = [functools.partial(_s_and_u, task, task_cfg, a, limit) for a in adapters]
+        if "exact" in (task_cfg.forget_metric, task_cfg.utility_metric):
+            return [job(scorer) for job in jobs]  # exact metrics generate: no one-call likelihood batch
         return scorer.score_together(jobs)
 
 

