@@ -160,8 +160,8 @@ class RevealConfig(_Section):
         "search", description="direct = the task prompt, no search (NER, paper section 4.4)."
     )
     contexts_per_candidate: int = Field(
-        4, ge=1, description="|C_s|: contexts answered to score one candidate (the first of C; all of C "
-        "is answered only for each outer loop's best instruction P*).")
+        4, ge=1, description="|C_s|: contexts answered to score one candidate, drawn anew for each inner step "
+        "(all of C is answered only for each outer loop's best instruction P*).")
     max_instruction_tokens: int = Field(32, ge=1, description="Greedy budget of a decoded instruction.")
     response_max_tokens: int = Field(128, ge=1, description="Token budget of one response f(C, P).")
     decode_batch_size: int = Field(16, ge=1, description="Candidates per batched instruction decoding.")

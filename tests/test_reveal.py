@@ -50,19 +50,25 @@ def _reveal(cfg_path: Path, model_dir: Path) -> tuple[dict, Path]:
 def test_reveal_writes_forget_data_with_provenance(tmp_path: Path, tiny_model_dir: Path, ray_local) -> None:
     info, run_dir = _reveal(_config(tmp_path, tiny_model_dir, tmp_path / "run"), tiny_model_dir)
     rows = [json.loads(line) for line in (run_dir / "reveal/forget.jsonl").read_text().splitlines()]
-    assert len(rows) == info["forget_size"] == 2 * 4  # m outer iterations x |C|
-    assert {r["outer"] for r in rows} == {1, 2}
+    best = json.loads((run_dir / "reveal/best_instructions.json").read_text())
+    # m outer iterations x |C|, less the rows that repeat a kept (context, response) pair
+    assert len(rows) == info["forget_size"] == sum(b["rows_added"] for b in best) == \
+        2 * 4 - sum(b["duplicates_dropped"] for b in best)
+    assert len({(r["context"], r["response"].strip()) for r in rows}) == len(rows)
+    assert best[0]["rows_added"] == 4 and {r["outer"] for r in rows} <= {1, 2}
     for r in rows:
         assert set(r) == {"prompt", "response", "outer", "instruction", "context", "relevance"}
         assert r["context"] in r["prompt"] and r["prompt"].startswith(r["instruction"])
         assert 0.0 <= r["relevance"] <= 1.0
-    best = json.loads((run_dir / "reveal/best_instructions.json").read_text())
     assert [b["outer_iteration"] for b in best] == [1, 2]
+    assert best[0]["instruction"] != best[1]["instruction"]  # a repeated P* is passed over
     assert [b["instruction"] for b in best] == info["best_instructions"]
     assert all(b["sentence"].startswith("The instruction was to") for b in best)
     steps = [json.loads(line) for line in (run_dir / "reveal/steps.jsonl").read_text().splitlines()]
     assert len(steps) == 4 and len({s["cand"] for s in steps if s["outer"] == 0}) == 2
-    assert all(0.0 <= s["score"] <= 1.0 and 0.0 < s["v"] <= 1.0 for s in steps)
+    assert all(0.0 <= s["score"] <= 1.0 and 0.0 <= s["v"] <= 1.0 for s in steps)
+    # each inner step draws its own C_s (2 of the 4 contexts), reproducibly from the seed
+    assert all(len(s["contexts"]) == 2 for s in steps) and len({tuple(s["contexts"]) for s in steps}) > 1
     # D_self-gen grows: the second outer loop scores against the first loop's f(C, P*).
     assert [s["kept"] for s in steps] == [0, 0, 4, 4]
     assert (run_dir / "reveal/progress.png").read_bytes()[:4] == b"\x89PNG"

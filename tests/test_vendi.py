@@ -55,3 +55,27 @@ def test_bad_input() -> None:
         hill_number(np.zeros(3))
     with pytest.raises(ValueError, match="2-d"):
         vendi_score(np.ones(3))
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_novelty_still_discriminates_when_the_kept_set_is_large(q: float) -> None:
+    """The old v = Vendi / (n + b) flattened: at n = 100 a duplicate and a novel batch differed by ~0.01."""
+    rng = np.random.default_rng(3)
+    dim = 64
+    kept = rng.normal(size=(100, dim))
+    kept[:, 48:] = 0.0  # D lives in the first 48 dimensions
+    acc = VendiAccumulator(dim, q)
+    acc.add(kept)
+    duplicate = kept[:2].copy()
+    novel = np.zeros((2, dim))
+    novel[0, 50], novel[1, 60] = 1.0, 1.0  # orthogonal to D and to each other: the most any batch can add
+    old = [acc.score_with(b) / (acc.n + 2) for b in (duplicate, novel)]
+    assert abs(old[1] - old[0]) < 0.02
+    assert acc.novelty(duplicate) < 0.1
+    assert acc.novelty(novel) == pytest.approx(1.0, abs=1e-9)
+    half = np.vstack([kept[:1], novel[:1]])  # one old item, one new one
+    assert acc.novelty(duplicate) < acc.novelty(half) < acc.novelty(novel)
+    assert acc.n == 100
+    empty = VendiAccumulator(dim, q)
+    assert empty.novelty(novel) == pytest.approx(1.0)
+    assert empty.novelty(duplicate[:1].repeat(2, 0)) == pytest.approx(0.5)

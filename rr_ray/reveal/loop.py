@@ -10,15 +10,23 @@
         P* <- the best-scoring prompt of this outer loop               (line 16)
         D_self-gen <- D_self-gen U f(C, P*)                            (line 18)
 
+Each inner step scores its candidates on its own sample C_s of the contexts (drawn from run.seed, outer and
+inner index), so an instruction is rewarded for what it elicits across C, not on the same two contexts. The
+warm start re-scores the k best earlier prompts against today's D_self-gen, so their scores compare with the
+new ones (the diversity term depends on D). A P* already chosen by an earlier outer loop is passed over for
+the next best, and rows that repeat a kept (context, response) pair are dropped.
+
 After every finished inner step the whole loop state (NeuralUCB, D_self-gen's Gram, history, responses)
-is written as one atomic checkpoint, so a killed run resumes after its last finished step. No random
-draws happen after setup (every seed is derived from run.seed and the outer index), so a resumed run
-makes exactly the choices an uninterrupted one makes.
+is written as one atomic checkpoint, so a killed run resumes after its last finished step. Every random
+draw is derived from run.seed and the step's indices, so a resumed run makes exactly the choices an
+uninterrupted one makes.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import random
 import time
 from typing import Any
 
@@ -35,6 +43,8 @@ from rr_ray.storage import RunDir
 from rr_ray.tasks import get_task
 
 CHECKPOINT = "reveal/state/checkpoint.pt"
+STATE_VERSION = 2  # the response cache is per (instruction, context index)
+log = logging.getLogger(__name__)
 
 
 def reveal_params(cfg: RRConfig) -> SamplingParams:
@@ -57,20 +67,33 @@ def _kept_state(kept: VendiAccumulator) -> dict[str, Any]:
 def _load(run: RunDir) -> dict[str, Any] | None:
     if not run.exists(CHECKPOINT):
         return None
-    return torch.load(io.BytesIO(run.read_bytes(CHECKPOINT)), weights_only=True)
+    state = torch.load(io.BytesIO(run.read_bytes(CHECKPOINT)), weights_only=True)
+    if state.get("version") != STATE_VERSION:
+        log.warning("%s: checkpoint of an older rr-ray (format %s); reveal restarts", run.uri, state.get("version"))
+        return None
+    return state
 
 
-def _new_bandit(cfg: RRConfig, feats: np.ndarray, outer: int, history: list[dict[str, Any]]) -> NeuralUCB:
-    """Line 4: a fresh network for outer loop ``outer``, fitted to the k best prompts of earlier loops."""
+def step_contexts(n_contexts: int, k: int, seed: int, outer: int, inner: int) -> list[int]:
+    """Indices of C_s for one inner step: k contexts drawn from the step's own seed (all when k >= n)."""
+    return sorted(random.Random(f"{seed}/{outer}/{inner}").sample(range(n_contexts), min(k, n_contexts)))
+
+
+def _new_bandit(cfg: RRConfig, feats: np.ndarray, outer: int, history: list[dict[str, Any]],
+                rescore: Any) -> NeuralUCB:
+    """Line 4: a fresh network for outer loop ``outer``, fitted to the k best prompts of earlier loops, each
+    re-scored by ``rescore(candidate, instruction)`` against the current D_self-gen."""
     rc = cfg.reveal
     bandit = NeuralUCB(feats, lam=rc.ucb_lambda, nu=rc.ucb_nu, seed=cfg.run.seed * 1000 + outer)
     best: dict[int, float] = {}
+    names: dict[int, str] = {}
     for h in history:
         if h["outer"] < outer:
             best[h["cand"]] = max(best.get(h["cand"], -1.0), h["score"])
+            names[h["cand"]] = h["instruction"]
     top = sorted(best, key=lambda c: (-best[c], c))[: rc.warm_start_k]
     if top:
-        bandit.observe(top, [best[c] for c in top])
+        bandit.observe(top, [rescore(c, names[c]) for c in top])
     return bandit
 
 
@@ -165,17 +188,41 @@ def run_reveal(cfg: RRConfig, run: RunDir, model_dir: str, pool: Any | None = No
     return info
 
 
+def _cached(cache: dict[str, Any], p: str, idx: list[int]) -> tuple[list[str], list[float]]:
+    entry = cache[p]
+    return [entry["responses"][i] for i in idx], [entry["relevance"][i] for i in idx]
+
+
 def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer, contexts: list[str],
             progress: bool) -> dict[str, Any]:
-    rc = cfg.reveal
-    c_s = contexts[: rc.contexts_per_candidate]  # C_s: the same sample for every candidate, so scores compare
+    rc, seed = cfg.reveal, cfg.run.seed
     greedy = cfg.generation.temperature == 0
+
+    def answer(instrs: list[str], idx: list[int]) -> None:
+        """Responses and relevance of each (instruction, context) pair not yet known (greedy repeats itself)."""
+        for p in dict.fromkeys(instrs):
+            entry = cache.setdefault(p, {"responses": {}, "relevance": {}})
+            missing = [i for i in idx if not (greedy and i in entry["responses"])]
+            if not missing:
+                continue
+            ys = scorer.respond([p], [contexts[i] for i in missing])[0]
+            rel = scorer.task.relevance([prompt_for(p, contexts[i]) for i in missing], ys)
+            for i, y, r in zip(missing, ys, rel):
+                entry["responses"][i], entry["relevance"][i] = y, float(r)
+
+    def rescore(cand: int, p: str) -> float:
+        if p not in cache or kept is None:
+            return max(h["score"] for h in history if h["cand"] == cand)
+        idx = sorted(cache[p]["responses"])
+        ys, rel = _cached(cache, p, idx)
+        return scorer.finish(p, [contexts[i] for i in idx], ys, rel, kept).score
+
     with _progress(progress) as bar:
         task_id = bar.add_task("reveal: decode instructions", total=rc.num_candidates)
         cands, feats = prepare_candidates(cfg, run, model_dir, contexts,
                                           on_batch=lambda k: bar.advance(task_id, k))
-        state = _load(run) or {"outer": 0, "inner": 0, "ucb": None, "kept": None, "history": [],
-                               "forget": [], "best": [], "cache": {}}
+        state = _load(run) or {"version": STATE_VERSION, "outer": 0, "inner": 0, "ucb": None, "kept": None,
+                               "history": [], "forget": [], "best": [], "cache": {}}
         kept = (VendiAccumulator.from_state({**state["kept"], "gram": state["kept"]["gram"].numpy()})
                 if state["kept"] is not None else None)
         history, forget, best, cache = state["history"], state["forget"], state["best"], state["cache"]
@@ -186,23 +233,21 @@ def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer,
             if state["ucb"] is not None:
                 bandit = NeuralUCB.from_state(feats, state["ucb"])
             else:
-                bandit = _new_bandit(cfg, feats, outer, history)
+                bandit = _new_bandit(cfg, feats, outer, history, rescore)
             for inner in range(state["inner"], rc.inner_iterations):
                 ids = bandit.select(rc.batch_candidates)  # line 7
                 instrs = [cands[i]["instruction"] for i in ids]
-                fresh = [p for p in dict.fromkeys(instrs) if not (greedy and p in cache)]
-                for p, ys in zip(fresh, scorer.respond(fresh, c_s)):  # line 8, one pool call for all B
-                    prompts = [prompt_for(p, c) for c in c_s]
-                    cache[p] = {"responses": ys, "relevance": [float(r) for r in scorer.task.relevance(prompts, ys)]}
+                idx = step_contexts(len(contexts), rc.contexts_per_candidate, seed, outer, inner)  # C_s
+                answer(instrs, idx)  # line 8, cached pairs aside
                 if kept is None:
                     kept = VendiAccumulator(embed_dim(rc.embedder), rc.vendi_q)
-                scored = [scorer.finish(p, c_s, cache[p]["responses"], cache[p]["relevance"], kept)
+                scored = [scorer.finish(p, [contexts[i] for i in idx], *_cached(cache, p, idx), kept)
                           for p in instrs]  # lines 9-12
                 bandit.observe(ids, [s.score for s in scored])  # line 13
                 for i, s in zip(ids, scored):
                     history.append({"outer": outer, "inner": inner, "cand": i, "instruction": s.instruction,
                                     "score": s.score, "tau": s.tau, "v": s.v, "vendi": s.vendi,
-                                    "kept": kept.n})
+                                    "kept": kept.n, "contexts": idx})
                 state.update(outer=outer, inner=inner + 1, ucb=bandit.state_dict(), kept=_kept_state(kept))
                 _save(run, state)  # the commit point of this inner step
                 run.write_jsonl("reveal/steps.jsonl", history)
@@ -213,25 +258,27 @@ def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer,
                     bar.console.print(f"reveal outer {outer + 1}/{rc.outer_iterations} inner {inner + 1}/"
                                       f"{rc.inner_iterations}: score {top.score:.3f} (relevance {top.tau:.2f}, "
                                       f"diversity {top.v:.2f}) {top.instruction[:70]!r}", soft_wrap=True)
-            # Lines 15-18: P* of this outer loop, answered on all of C, joins D_self-gen.
-            mine = [h for h in history if h["outer"] == outer]
-            star = max(mine, key=lambda h: (h["score"], -h["cand"]))
-            p = star["instruction"]
-            if greedy:  # C_s's responses are already known (greedy decoding repeats them): answer the rest
-                rest = contexts[len(c_s):]
-                ys = cache[p]["responses"] + (scorer.respond([p], rest)[0] if rest else [])
-                rel = cache[p]["relevance"] + ([float(r) for r in scorer.task.relevance(
-                    [prompt_for(p, c) for c in rest], ys[len(c_s):])] if rest else [])
+            # Lines 15-18: P* of this outer loop (not one an earlier loop chose), answered on all of C.
+            chosen = {b["instruction"] for b in best}
+            mine = [h for h in history if h["outer"] == outer and h["instruction"] not in chosen]
+            if mine:
+                star = max(mine, key=lambda h: (h["score"], -h["cand"]))
+                p = star["instruction"]
+                answer([p], list(range(len(contexts))))
+                ys, rel = _cached(cache, p, list(range(len(contexts))))
+                seen = {(r["context"], r["response"].strip()) for r in forget}
+                new = [(c, y, r) for c, y, r in zip(contexts, ys, rel) if (c, y.strip()) not in seen]
+                if new:
+                    kept.add(embed([y for _, y, _ in new], rc.embedder))
+                forget.extend({"prompt": prompt_for(p, c), "response": y, "outer": outer + 1, "instruction": p,
+                               "context": c, "relevance": r} for c, y, r in new)
+                best.append({"outer_iteration": outer + 1, "instruction": p,
+                             "sentence": f"{INSTRUCTION_LEAD} {cands[star['cand']]['continuation'].strip()}",
+                             "candidate": star["cand"], "score": star["score"], "relevance": star["tau"],
+                             "diversity": star["v"], "rows_added": len(new),
+                             "duplicates_dropped": len(contexts) - len(new)})
             else:
-                ys = scorer.respond([p], contexts)[0]
-                rel = [float(r) for r in scorer.task.relevance([prompt_for(p, c) for c in contexts], ys)]
-            kept.add(embed(ys, rc.embedder))
-            forget.extend({"prompt": prompt_for(p, c), "response": y, "outer": outer + 1, "instruction": p,
-                           "context": c, "relevance": r} for c, y, r in zip(contexts, ys, rel))
-            best.append({"outer_iteration": outer + 1, "instruction": p,
-                         "sentence": f"{INSTRUCTION_LEAD} {cands[star['cand']]['continuation'].strip()}",
-                         "candidate": star["cand"], "score": star["score"], "relevance": star["tau"],
-                         "diversity": star["v"]})
+                log.warning("reveal outer %d: every scored prompt was an earlier P*; no rows added", outer + 1)
             state.update(outer=outer + 1, inner=0, ucb=None, kept=_kept_state(kept))
             _save(run, state)
             run.write_jsonl("reveal/forget.jsonl", forget)

@@ -1,8 +1,9 @@
 """Score a candidate instruction P (Alg. 1 lines 8-12): responses, relevance tau, diversity v, harmonic mean.
 
 Responses f(C_s, P) come from the generator pool (chat prompt = instruction + blank line + context), the
-relevance tau is the mean of the task's oracle over them, and the diversity v is the Vendi score of the
-responses together with D_self-gen, computed incrementally from D_self-gen's d x d Gram (vendi.py).
+relevance tau is the mean of the task's oracle over them, and the diversity v is what the responses add to
+the Vendi score of D_self-gen (its gain, normalised by the most b items could add), computed incrementally
+from D_self-gen's d x d Gram (vendi.py).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class CandidateScore:
     embeddings: np.ndarray
     tau: float  # mean relevance
     vendi: float  # Vendi(y_t U D_self-gen), in [1, items]
-    v: float  # normalised diversity in (0, 1]
+    v: float  # diversity: normalised Vendi gain over D_self-gen, in [0, 1]
     score: float
 
 
@@ -88,9 +89,9 @@ class CandidateScorer:
         """Lines 9-12 for one candidate whose responses and relevances are known."""
         emb = embed(responses, self.embedder)
         vendi = kept.score_with(emb)
-        # Vendi lies in [1, n + b] for n kept and b new items; dividing by n + b maps it to (0, 1], the
-        # same scale as tau. Within one inner loop n + b is fixed, so this keeps the ranking by Vendi.
-        v = vendi / (kept.n + len(responses))
+        # v in [0, 1], tau's scale: the share of the largest possible Vendi gain these responses bring. Unlike
+        # Vendi / (n + b) it still tells a duplicate batch from a novel one once D_self-gen is large.
+        v = kept.novelty(emb)
         tau = float(np.mean(relevance)) if len(relevance) else 0.0
         return CandidateScore(instruction, [prompt_for(instruction, c) for c in contexts], list(responses),
                               [float(r) for r in relevance], emb, tau, vendi, v,

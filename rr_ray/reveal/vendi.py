@@ -61,6 +61,27 @@ class VendiAccumulator:
             raise ValueError("Vendi score of an empty set is undefined")
         return hill_number(np.linalg.eigvalsh((self.gram + y.T @ y) / (self.n + len(y))), self.q)
 
+    def novelty(self, batch: np.ndarray) -> float:
+        """How much ``batch`` adds to the kept set's diversity, in [0, 1]: the Vendi gain of D U Y over D,
+        divided by the gain of b items orthogonal to D and to each other (the most any batch of b can add).
+
+        Vendi(D U Y) / (n + b) flattens as n grows (at n = 100 a duplicate batch and a novel one differ by
+        ~0.01); the gain does not (0 for duplicates, ~1 for novel items, at any n). An empty D counts as Vendi 0,
+        so the first batch gets Vendi(Y) / b.
+        """
+        y = _unit_rows(batch)
+        b = len(y)
+        if b == 0:
+            raise ValueError("novelty of an empty batch is undefined")
+        before = self.score() if self.n else 0.0
+        gain = self.score_with(y) - before
+        if self.n:
+            kept = np.linalg.eigvalsh(self.gram / (self.n + b))  # D's spectrum, diluted by b new items
+            best = hill_number(np.concatenate([kept, np.full(b, 1.0 / (self.n + b))]), self.q) - before
+        else:
+            best = float(b)
+        return float(np.clip(gain / best, 0.0, 1.0)) if best > 0 else 0.0
+
     def add(self, batch: np.ndarray) -> None:
         """Keep ``batch``: S += Y^T Y, n += b."""
         y = _unit_rows(batch)
