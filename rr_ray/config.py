@@ -231,6 +231,9 @@ class ReleaseConfig(_Section):
     )
     forget_path: str | None = Field(
         None, description="jsonl of {prompt, response} to forget; None = the run's reveal/forget.jsonl.")
+    forget_prompt: Literal["instructed", "bare"] = Field(
+        "instructed", description="Forget PEM inputs: the revealed prompt (elicitation instruction + context) or "
+        "the bare context, so the PEM learns the behaviour a plain request gets.")
     forget_rows: int | None = Field(
         None, ge=1, description="Train forget PEMs on at most this many rows (most relevant first; None = all).")
     retain_rows: int = Field(64, ge=1, description="Rows of the task's retain data per retain PEM.")

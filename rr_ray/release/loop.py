@@ -63,6 +63,10 @@ def load_forget_rows(cfg: RRConfig, run: RunDir) -> list[dict[str, str]]:
         raise ValueError(f"{source}: {'no rows' if not rows else f'row {bad[0] + 1} lacks prompt/response'}")
     if cfg.release.forget_rows is not None:  # keep the most relevant rows (a stable sort keeps file order on ties)
         rows = sorted(rows, key=lambda r: -float(r.get("relevance", 1.0)))[: cfg.release.forget_rows]
+    if cfg.release.forget_prompt == "bare":
+        if any(not r.get("context") for r in rows):
+            raise ValueError(f"{source}: release.forget_prompt=bare needs each row's context (Reveal writes it)")
+        return [{"prompt": r["context"], "response": r["response"]} for r in rows]
     return [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
 
 
