@@ -9,9 +9,24 @@ import ray
 
 from rr_ray.config import RayConfig
 
-# Passed to every worker so actors on any node resolve models offline and share our cache layout.
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RR_RAY_CACHE", "AWS_ACCESS_KEY_ID",
-                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+# Passed to every worker so actors on any node resolve models offline, share our cache layout and reach the
+# same object store. No secrets: a runtime env is readable by anyone who can list the cluster's jobs.
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RR_RAY_CACHE", "AWS_DEFAULT_REGION",
+                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+# Forwarded only on request (ray.forward_aws_credentials), and then together: temporary (STS) keys are
+# useless without their session token.
+AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def worker_env(cfg: RayConfig, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The env vars every worker gets from the driver (see ``_FORWARDED_ENV`` and ``AWS_CREDENTIALS``)."""
+    environ = dict(os.environ if environ is None else environ)
+    names = _FORWARDED_ENV + (AWS_CREDENTIALS if cfg.forward_aws_credentials else ())
+    env = {k: environ[k] for k in names if k in environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key in _job_env_vars():
+        env.pop(key, None)
+    return env
 
 
 def _job_env_vars() -> set[str]:
@@ -32,10 +47,7 @@ def connect(cfg: RayConfig | None = None) -> str:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return "existing"
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for key in _job_env_vars():
-        env.pop(key, None)
+    env = worker_env(cfg)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     common = dict(namespace=cfg.namespace, runtime_env={"env_vars": env}, log_to_driver=True)
     if address:

@@ -86,6 +86,10 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(None, description="CPUs of a local Ray (None = all).")
     namespace: str = Field("rr-ray", description="Ray namespace of the run's actors.")
+    forward_aws_credentials: bool = Field(
+        False, description="Copy the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN into "
+        "the runtime env of every worker. Off: workers use their own (instance profile, IRSA, node env); a "
+        "runtime env is visible to anyone who can read the cluster's job and actor metadata.")
 
 
 class CustomTargetConfig(_Section):
@@ -317,7 +321,7 @@ class RRConfig(_Section):
 # Fields that change only where or how fast a run's work happens, never its results: a run may resume with
 # them changed (e.g. preempted on 4 nodes, resumed on 2).
 RESOURCE_FIELDS = frozenset({
-    "model.cache_dir", "ray.address", "ray.num_cpus", "ray.namespace",
+    "model.cache_dir", "ray.address", "ray.num_cpus", "ray.namespace", "ray.forward_aws_credentials",
     "generation.num_actors", "generation.cpus_per_actor", "generation.gpus_per_actor", "generation.batch_size",
     "generation.max_restarts", "generation.max_task_retries", "generation.vllm_gpu_memory_utilization",
     "generation.vllm_cpu_kvcache_gib", "generation.vllm_max_loras", "task.scoring_batch_size",

@@ -183,3 +183,17 @@ def test_job_file_runs_rr_ray_run(task: str, monkeypatch: pytest.MonkeyPatch, ca
     assert exit_info.value.code == 2, err
     assert f"rr-ray job {task}:" in err and f"'task.name={task}'" in err
     assert err.strip().splitlines()[-1].startswith("rr-ray: error:") and "release.lora.r" in err, err
+
+
+def test_no_secret_reaches_the_runtime_env_unless_asked_and_then_with_its_session_token() -> None:
+    from rr_ray.cluster import AWS_CREDENTIALS, worker_env
+
+    host = {"AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "sts",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1", "HOME": "/root",
+            "HF_HUB_OFFLINE": "1"}
+    env = worker_env(load_config(None).ray, host)
+    assert not set(env) & set(AWS_CREDENTIALS) and "secret" not in env.values()
+    assert env["AWS_ENDPOINT_URL"] == host["AWS_ENDPOINT_URL"] and env["HF_HUB_OFFLINE"] == "1"
+    assert "HOME" not in env
+    forwarded = worker_env(load_config(None, ["ray.forward_aws_credentials=true"]).ray, host)
+    assert {k: forwarded[k] for k in AWS_CREDENTIALS} == {k: host[k] for k in AWS_CREDENTIALS}
