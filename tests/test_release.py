@@ -93,3 +93,25 @@ def test_missing_forget_set_is_one_clear_error(tiny_model_dir: Path, tmp_path: P
     cfg = _config(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="release.forget_path"):
         run_release(cfg, RunDir.open(cfg.run.dir))
+
+
+def test_self_retain_data_asks_in_chunks_keeps_them_and_refuses_an_empty_set(
+        tiny_model_dir: Path, tmp_path: Path, ray_local) -> None:
+    from rich.console import Console
+
+    from rr_ray.release.loop import SELF_RETAIN_MAX_ASKED, self_retain_rows
+    from rr_ray.tasks.base import get_task
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}",
+                             "release.retain_source=self", "task.eval_max_new_tokens=4", "generation.cpus_per_actor=1"])
+    run = RunDir.open(cfg.run.dir)
+    task = get_task(cfg.task)
+    # the random tiny model answers no math problem right: every chunk is asked, kept, then refused
+    with pytest.raises(ValueError, match="answered none of 10 retain prompts"):
+        self_retain_rows(cfg, run, task, 2, Console(quiet=True))
+    asked = run.read_jsonl("release/retain_self_asked.jsonl")
+    assert len(asked) == 2 * SELF_RETAIN_MAX_ASKED and not any(r["correct"] for r in asked)
+    assert [r["prompt"] for r in asked] == [r["prompt"] for r in task.retain_data(10)]
+    # the oracle is the task's: a right final number counts
+    row = task.utility.retain_rows[0]
+    assert task.check_retain(task.retain_data(1)[0]["prompt"], f"so it is {row['target']:g}")

@@ -270,36 +270,50 @@ def stop_reason(cfg: RRConfig, history: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def self_retain_rows(cfg: RRConfig, run: RunDir, task: Any, n: int) -> list[dict[str, str]]:
+def _answer_retain_prompts(cfg_yaml: str, prompts: list[str]) -> list[str]:
+    """Greedy answers of the base model (a Ray task: it loads the model where Ray placed it)."""
+    from rr_ray.config import config_from_text
+    from rr_ray.evaluation.scoring import Scorer, scorer_spec
+    from rr_ray.generation.base import SamplingParams
+    from rr_ray.models.loader import resolve_model
+
+    c = config_from_text(cfg_yaml, "run.yaml")
+    model_dir = resolve_model(c.model.name_or_path, c.model.cache_dir, c.run.s3_endpoint_url)
+    scorer = Scorer.from_spec(model_dir, scorer_spec(c) | {"backend": "hf"}, threads=int(c.generation.cpus_per_actor))
+    return [o[0] for o in scorer.generate(prompts, SamplingParams(max_new_tokens=c.task.eval_max_new_tokens))]
+
+
+SELF_RETAIN_MAX_ASKED = 5  # x retain_rows: a model right on 1 in 5 retain prompts still fills the set
+
+
+def self_retain_rows(cfg: RRConfig, run: RunDir, task: Any, n: int, console: Console) -> list[dict[str, str]]:
     """Retain rows answered by the base model itself and kept where the task's oracle says the answer is right
-    (``release.retain_source: self``); generated once, as a Ray task, and kept in ``release/retain_self.jsonl``."""
+    (``release.retain_source: self``). Prompts are asked n at a time until n answers are right (at most
+    SELF_RETAIN_MAX_ASKED x n); every answered chunk is kept in the run, so a killed run loses one chunk at most.
+    """
     import ray
 
-    rel = "release/retain_self.jsonl"
-    if run.exists(rel):
-        return run.read_jsonl(rel)[:n]
-    prompts = [r["prompt"] for r in task.retain_data(3 * n)]
-
-    def answer(cfg_yaml: str, prompts: list[str]) -> list[str]:
-        from rr_ray.config import config_from_text
-        from rr_ray.evaluation.scoring import Scorer, scorer_spec
-        from rr_ray.generation.base import SamplingParams
-        from rr_ray.models.loader import resolve_model
-
-        c = config_from_text(cfg_yaml, "run.yaml")
-        model_dir = resolve_model(c.model.name_or_path, c.model.cache_dir, c.run.s3_endpoint_url)
-        scorer = Scorer.from_spec(model_dir, scorer_spec(c) | {"backend": "hf"},
-                                  threads=int(c.generation.cpus_per_actor))
-        return [o[0] for o in scorer.generate(prompts, SamplingParams(max_new_tokens=c.task.eval_max_new_tokens))]
-
-    remote = ray.remote(num_cpus=cfg.generation.cpus_per_actor, num_gpus=cfg.generation.gpus_per_actor)(answer)
-    replies = ray.get(remote.remote(cfg.to_yaml(), prompts))
-    rows = [{"prompt": p, "response": r.strip()} for p, r in zip(prompts, replies) if task.check_retain(p, r)]
+    done, part = "release/retain_self.jsonl", "release/retain_self_asked.jsonl"
+    if run.exists(done):
+        return run.read_jsonl(done)[:n]
+    pool = [r["prompt"] for r in task.retain_data(SELF_RETAIN_MAX_ASKED * n)]
+    asked = run.read_jsonl(part) if run.exists(part) else []
+    remote = ray.remote(num_cpus=cfg.generation.cpus_per_actor,
+                        num_gpus=cfg.generation.gpus_per_actor)(_answer_retain_prompts)
+    while sum(r["correct"] for r in asked) < n and len(asked) < len(pool):
+        prompts = pool[len(asked): len(asked) + n]
+        replies = ray.get(remote.remote(cfg.to_yaml(), prompts))
+        asked += [{"prompt": p, "response": r.strip(), "correct": bool(task.check_retain(p, r))}
+                  for p, r in zip(prompts, replies)]
+        run.write_jsonl(part, asked)
+        console.print(f"release: self-generated retain data: {sum(r['correct'] for r in asked)} right of "
+                      f"{len(asked)} asked (want {n})")
+    rows = [{"prompt": r["prompt"], "response": r["response"]} for r in asked if r["correct"]]
     if not rows:
-        raise ValueError(f"release.retain_source=self: the base model answered none of {len(prompts)} retain "
+        raise ValueError(f"release.retain_source=self: the base model answered none of {len(asked)} retain "
                          "prompts correctly; use retain_source: curated")
-    run.write_jsonl(rel, rows)
-    run.write_json("release/retain_self.json", {"asked": len(prompts), "correct": len(rows)})
+    run.write_jsonl(done, rows)
+    run.write_json("release/retain_self.json", {"asked": len(asked), "correct": len(rows)})
     return rows[:n]
 
 
@@ -311,7 +325,7 @@ def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> d
     task = get_task(cfg.task)
     forget_rows = load_forget_rows(cfg, run)
     if cfg.release.retain_source == "self":
-        retain_rows = self_retain_rows(cfg, run, task, cfg.release.retain_rows)
+        retain_rows = self_retain_rows(cfg, run, task, cfg.release.retain_rows, console)
         console.print(f"release: {len(retain_rows)} self-generated retain rows (answers the oracle marks correct)")
     else:
         retain_rows = task.retain_data(cfg.release.retain_rows)
