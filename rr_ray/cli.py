@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable
 
 from rr_ray.config import ConfigError, RRConfig, config_from_text, load_config
+from rr_ray.evaluation.sandbox import SandboxUnavailableError, set_allow_unisolated
 from rr_ray.models.packaged import ModelNotFoundError
 from rr_ray.storage import RunDir, StorageError
 
@@ -221,12 +222,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = run_config(args.run, args.s3_endpoint_url, overrides)
         else:
             cfg = load_config(args.config, overrides)
+        # Before any Ray worker starts: cluster.connect forwards the setting to every worker.
+        set_allow_unisolated(cfg.sandbox.allow_unisolated)
         return COMMANDS[args.command][1](cfg, args)
     except ConfigError as exc:
         print(f"rr-ray: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (FileNotFoundError, NotImplementedError, ModelNotFoundError, StorageError) as exc:
         print(f"rr-ray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SandboxUnavailableError as exc:
+        # From a Ray worker it arrives wrapped with the worker's traceback; its cause is the one line.
+        print(f"rr-ray: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

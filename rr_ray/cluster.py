@@ -8,11 +8,13 @@ import os
 import ray
 
 from rr_ray.config import RayConfig
+from rr_ray.evaluation.sandbox import ALLOW_UNISOLATED_ENV
 
 # Passed to every worker so actors on any node resolve models offline, share our cache layout and reach the
-# same object store. No secrets: a runtime env is readable by anyone who can list the cluster's jobs.
+# same object store, and run model-written code only as the config's sandbox.allow_unisolated says (the CLI
+# sets that variable). No secrets: a runtime env is readable by anyone who can list the cluster's jobs.
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "RR_RAY_CACHE", "AWS_DEFAULT_REGION",
-                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+                  "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", ALLOW_UNISOLATED_ENV)
 # Forwarded only on request (ray.forward_aws_credentials), and then together: temporary (STS) keys are
 # useless without their session token.
 AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -274,6 +274,15 @@ class EvaluateConfig(_Section):
     limit: int | None = Field(None, ge=1, description="Items per metric (None = the task's whole eval sets).")
 
 
+class SandboxConfig(_Section):
+    """Where model-written code (the code task's tests) may run; see README "Sandbox for model-written code"."""
+
+    allow_unisolated: bool = Field(False, description=(
+        "Run model-written code even where the sandbox could not measure network, process and filesystem "
+        "isolation (it then has the worker's network, processes and files). Only for trusted, disposable "
+        "machines."))
+
+
 class RRConfig(_Section):
     """The root config of one rr-ray run."""
 
@@ -285,6 +294,22 @@ class RRConfig(_Section):
     reveal: RevealConfig = Field(default_factory=RevealConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+    @model_validator(mode="after")
+    def _deepspeed_can_run(self) -> RRConfig:
+        train = self.release.train
+        if train.strategy != "deepspeed":
+            return self
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("release.train.strategy=deepspeed needs DeepSpeed: pip install 'rr-ray[deepspeed]' "
+                             "(CPU) or 'rr-ray[gpu]'")
+        if train.zero_stage == 3:
+            raise ValueError("release.train.zero_stage=3 shards the LoRA weights over the workers and rr-ray saves "
+                             "checkpoints from rank 0: use stage 2 (or 0/1); the frozen base is not sharded anyway")
+        return self
 
     @model_validator(mode="after")
     def _task_options_exist(self) -> RRConfig:
@@ -322,6 +347,7 @@ class RRConfig(_Section):
 # them changed (e.g. preempted on 4 nodes, resumed on 2).
 RESOURCE_FIELDS = frozenset({
     "model.cache_dir", "ray.address", "ray.num_cpus", "ray.namespace", "ray.forward_aws_credentials",
+    "sandbox.allow_unisolated",
     "generation.num_actors", "generation.cpus_per_actor", "generation.gpus_per_actor", "generation.batch_size",
     "generation.max_restarts", "generation.max_task_retries", "generation.vllm_gpu_memory_utilization",
     "generation.vllm_cpu_kvcache_gib", "generation.vllm_max_loras", "task.scoring_batch_size",

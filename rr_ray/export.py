@@ -53,7 +53,14 @@ def _merged(model_dir: Path, log: EditLog, root: Path, out: Path) -> str:
     """Base + every edit merged into the weights, saved in the base checkpoint's dtype; returns that dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto")
+    from rr_ray.models.loader import model_device, ray_assigned_gpus
+
+    # A GPU only where Ray assigned one to this process. Export normally runs in the driver (on a cluster the
+    # head, which has no GPU): there the full weights are merged in host memory, since a merge is one add per
+    # weight (no compute worth a GPU) and a GPU Ray did not reserve may be busy or too small for the model.
+    device = model_device() if ray_assigned_gpus() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto",
+                                                 **({"device_map": device} if device != "cpu" else {}))
     merge_into(model, log, root)
     model.save_pretrained(str(out))  # safetensors, config.json, generation_config.json
     AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))  # incl. the chat template

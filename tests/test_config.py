@@ -121,3 +121,10 @@ def test_task_options_are_checked_at_load() -> None:
             load_config(None, ["task.name=toxicity", override])
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quality.yaml")
     assert (cfg.task.forget_metric, cfg.task.utility_metric, cfg.task.utility_data) == ("exact", "exact", "gsm8k")
+
+
+def test_deepspeed_settings_are_checked_at_load() -> None:
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (the deepspeed extra)")
+    assert load_config(None, ["release.train.strategy=deepspeed"]).release.train.zero_stage == 2
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        load_config(None, ["release.train.strategy=deepspeed", "release.train.zero_stage=3"])

@@ -6,6 +6,8 @@ elsewhere it is skipped with the reason (an attack that would succeed could harm
 the tests: ``os.kill(-1, SIGKILL)`` without a private pid namespace or uid kills every process of
 the user).
 Set ``RR_RAY_SANDBOX_STRICT=1`` (CI on a root or user-namespace host) to require every protection.
+On a host without isolation the sandbox refuses to run anything unless the config allows it, so the attack
+tests run there with that opt-in; the "fail closed" tests at the end check the refusal itself.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from rr_ray import cli, cluster
+from rr_ray.config import ConfigError, RayConfig, config_from_text
+from rr_ray.evaluation import sandbox
 from rr_ray.evaluation.sandbox import (
+    ALLOW_UNISOLATED_ENV,
+    REQUIRED_PROTECTIONS,
     SandboxLimits,
+    SandboxReport,
     SandboxResult,
+    SandboxUnavailableError,
     capabilities,
+    missing_isolation,
     run_many,
     run_python,
     sandbox_report,
@@ -57,6 +67,15 @@ def _descendants(pid: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+@pytest.fixture(autouse=True)
+def allow_unisolated_only_where_needed(monkeypatch):
+    """The default (no opt-in) where this host isolates; the opt-in where it cannot, else nothing runs."""
+    if missing_isolation(REPORT):
+        monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")
+    else:
+        monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -376,3 +395,123 @@ def test_capabilities_report():
     if os.environ.get("RR_RAY_SANDBOX_STRICT") == "1":
         assert REPORT.mode in ("namespaces", "userns"), REPORT
         assert all(caps.values()), {k: v for k, v in caps.items() if not v}
+
+
+# ---------------------------------------------------------------- fail closed
+
+
+@pytest.fixture
+def forced_plain(monkeypatch):
+    """The weakest mode, as on a non-root Ray image without user namespaces: no isolation at all."""
+    monkeypatch.setenv("RR_RAY_SANDBOX_MODE", "plain")
+    monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+    sandbox.sandbox_report.cache_clear()
+    sandbox._warn_unisolated.cache_clear()
+    yield
+    sandbox.sandbox_report.cache_clear()  # later tests probe this host's own mode again
+    sandbox._warn_unisolated.cache_clear()
+
+
+def test_isolated_host_runs_without_opt_in():
+    if missing_isolation(REPORT) and os.environ.get("RR_RAY_SANDBOX_STRICT") != "1":
+        pytest.skip(f"this host lacks {missing_isolation(REPORT)} in mode {REPORT.mode!r}")
+    assert ALLOW_UNISOLATED_ENV not in os.environ
+    assert missing_isolation(REPORT) == [] and REPORT.mode in ("namespaces", "userns")
+    assert run_python("print(6 * 7)", FAST).stdout == "42\n"
+    assert [r.stdout for r in run_many(["print(1)", "print(2)"], FAST)] == ["1\n", "2\n"]
+
+
+def test_weakest_mode_refuses_model_code(forced_plain, shared_dir, monkeypatch):
+    marker = shared_dir / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    for allow in (None, "0", "true"):  # unset, the config's false, anything but "1"
+        if allow is not None:
+            monkeypatch.setenv(ALLOW_UNISOLATED_ENV, allow)
+        with pytest.raises(SandboxUnavailableError) as exc:
+            run_python(code, FAST)
+        with pytest.raises(SandboxUnavailableError):
+            run_many([code, code], FAST, parallelism=2)
+    assert not marker.exists()  # refused before anything ran
+    assert isinstance(exc.value, RuntimeError)
+    message = str(exc.value)
+    assert "\n" not in message and "'plain'" in message and "RR_RAY_SANDBOX_MODE" in message
+    # It names everything this host lacks (network, process, filesystem isolation) ...
+    for name in ("no_network", "private_pids", "readonly_outside_workdir", "host_files_hidden"):
+        assert name in message
+    for fix in ("root", "kernel.unprivileged_userns_clone=1", "user.max_user_namespaces",  # ... and the fixes
+                "securityContext", "SYS_ADMIN", "sandbox.allow_unisolated: true"):
+        assert fix in message
+    assert run_many([], FAST) == []  # nothing to run, nothing refused
+
+
+def test_opt_in_runs_in_weakest_mode_and_warns_once(forced_plain, monkeypatch, caplog):
+    monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")
+    with caplog.at_level("WARNING", logger=sandbox.__name__):
+        result = run_python("print(6 * 7)", FAST)
+        results = run_many(["print(1)", "raise SystemExit(3)"], FAST, parallelism=2)
+    assert sandbox_report().mode == "plain"
+    assert (result.ok, result.stdout) == (True, "42\n")
+    assert [r.status for r in results] == ["passed", "failed"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "WITHOUT" in warnings[0] and all(name in warnings[0] for name in REQUIRED_PROTECTIONS)
+
+
+def test_refusal_names_only_what_is_missing(monkeypatch):
+    """A mode that measured everything but one protection is refused for that one alone."""
+    for name in REQUIRED_PROTECTIONS:
+        weak = SandboxReport(REPORT.mode, {**CAPS, **dict.fromkeys(REQUIRED_PROTECTIONS, True), name: False})
+        monkeypatch.setattr(sandbox, "sandbox_report", lambda weak=weak: weak)
+        monkeypatch.delenv(ALLOW_UNISOLATED_ENV, raising=False)
+        assert missing_isolation() == [name]
+        with pytest.raises(SandboxUnavailableError, match=name) as exc:
+            run_python("print(1)", FAST)
+        assert not [other for other in REQUIRED_PROTECTIONS if other != name and other in str(exc.value)]
+    full = SandboxReport(REPORT.mode, {**CAPS, **dict.fromkeys(REQUIRED_PROTECTIONS, True)})
+    monkeypatch.setattr(sandbox, "sandbox_report", lambda: full)
+    assert missing_isolation() == []
+
+
+def test_config_key_allow_unisolated():
+    assert config_from_text("", "t").sandbox.allow_unisolated is False  # fail closed by default
+    assert config_from_text("sandbox:\n  allow_unisolated: true\n", "t").sandbox.allow_unisolated is True
+    assert config_from_text("", "t", ["sandbox.allow_unisolated=true"]).sandbox.allow_unisolated is True
+    with pytest.raises(ConfigError, match="sandbox.allow_unisolated"):
+        config_from_text("sandbox:\n  allow_unisolated: maybe\n", "t")
+    with pytest.raises(ConfigError, match="sandbox"):
+        config_from_text("sandbox:\n  allow_unisolatd: true\n", "t")
+
+
+def test_config_key_reaches_this_process_and_ray_workers(monkeypatch, capsys):
+    monkeypatch.setenv(ALLOW_UNISOLATED_ENV, "1")  # a stale value in the environment does not decide
+    assert cli.main(["config"]) == 0
+    assert os.environ[ALLOW_UNISOLATED_ENV] == "0"
+    assert cli.main(["config", "--set", "sandbox.allow_unisolated=true"]) == 0
+    assert os.environ[ALLOW_UNISOLATED_ENV] == "1"
+    capsys.readouterr()
+    # connect() hands the variable to every worker through the job's runtime_env.
+    calls = []
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cluster.connect(RayConfig(address="ray://example:10001"))
+    assert calls[0]["runtime_env"]["env_vars"][ALLOW_UNISOLATED_ENV] == "1"
+
+
+def test_cli_reports_the_refusal_in_one_line(monkeypatch, capsys):
+    def refuse(cfg, args):
+        raise SandboxUnavailableError("the code sandbox refuses to run model-written code: test")
+
+    class FromRayWorker(SandboxUnavailableError):  # how Ray re-raises a worker's exception
+        def __init__(self) -> None:
+            super().__init__("Traceback (most recent call last):\n  File ...")
+            self.cause = SandboxUnavailableError("the code sandbox refuses to run model-written code: ray")
+
+    def refuse_in_worker(cfg, args):
+        raise FromRayWorker()
+
+    for command, word in ((refuse, "test"), (refuse_in_worker, "ray")):
+        monkeypatch.setitem(cli.COMMANDS, "config", ("print the config", command))
+        assert cli.main(["config"]) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err == f"rr-ray: error: the code sandbox refuses to run model-written code: {word}\n"

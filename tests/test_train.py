@@ -35,6 +35,31 @@ def test_tokenize_masks_the_prompt(tiny_model_dir: Path) -> None:
     assert row["labels"][0] == -100
 
 
+def test_edit_log_is_merged_in_fp32_before_the_training_dtype(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from rr_ray.models.loader import load_model
+    from rr_ray.release.train import build_trainable
+
+    torch.manual_seed(0)
+    lora = get_peft_model(load_model(tiny_model_dir), PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                     init_lora_weights=False))
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(1e-3)  # a small delta, as a composed edit log's is
+    lora.save_pretrained(tmp_path / "edit")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    fp32 = PeftModel.from_pretrained(load_model(tiny_model_dir), tmp_path / "edit").merge_and_unload()
+    expected = fp32.state_dict()[key].to(torch.bfloat16)
+    got = build_trainable(str(tiny_model_dir), str(tmp_path / "edit"), LoraConfig(r=4, alpha=8), "bfloat16")
+    weight = got.base_model.model.state_dict()[key.replace("q_proj.weight", "q_proj.base_layer.weight")]
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight, expected)
+    bf16 = PeftModel.from_pretrained(load_model(tiny_model_dir, "bfloat16"), tmp_path / "edit").merge_and_unload()
+    assert not torch.equal(bf16.state_dict()[key], expected)  # what a bf16 merge would have trained on
+
+
 def test_train_two_ddp_workers(tiny_model_dir: Path, tmp_path: Path, ray_local) -> None:
     from peft import PeftModel
 
@@ -86,6 +111,26 @@ def test_killed_worker_resumes_from_checkpoint(tiny_model_dir: Path, tmp_path: P
     assert res.steps == EPOCHS
     assert res.attempts >= 2, "the run did not resume from a checkpoint"
     assert len(res.losses) == EPOCHS
+
+
+def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path: Path,
+                                                                ray_local) -> None:
+    """DeepSpeed's CPU accelerator on the gloo group Ray Train sets up: 2 workers, ZeRO stage 2, fp32."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (the deepspeed extra)")
+
+    def run(epochs: int) -> object:
+        return train_pem(model_dir=str(tiny_model_dir), rows=ROWS, out_dir=tmp_path / "ds-adapter", name="ds",
+                         storage_uri=str(tmp_path / "ray-train"), lora=LoraConfig(r=4, alpha=8),
+                         train=TrainConfig(strategy="deepspeed", zero_stage=2, num_workers=2, epochs=epochs,
+                                           batch_size=4, lr=5e-3, max_length=64), seed=0)
+
+    first = run(2)
+    assert first.steps == 2 and len(first.losses) == 2 and first.losses[-1] < first.losses[0], first.losses
+    assert (first.adapter_dir / "adapter_config.json").is_file()
+    # The same run name and storage: the rerun resumes from the epoch-2 checkpoint and trains one more epoch.
+    again = run(3)
+    assert again.steps == 3 and again.losses[:2] == first.losses and again.attempts >= 1
+    assert (tmp_path / "ds-adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.gpu

@@ -16,6 +16,12 @@ process, the strongest mode that works here (root: namespaces + uid drop; otherw
 user namespaces; otherwise resource limits only) and then *measures* from inside the sandbox which
 protections hold. :func:`capabilities` returns those measured flags for the README and the tests.
 Set ``RR_RAY_SANDBOX_MODE`` to ``namespaces``, ``userns``, ``setuid`` or ``plain`` to force a mode.
+
+It fails closed: programs run only where the probe measured network, process and filesystem isolation
+(:data:`REQUIRED_PROTECTIONS`); elsewhere :func:`run_python` and :func:`run_many` raise
+:class:`SandboxUnavailableError`, unless the run's config sets ``sandbox.allow_unisolated: true``, which
+reaches this module (and every Ray worker, through :func:`rr_ray.cluster.connect`) as
+``RR_RAY_SANDBOX_ALLOW_UNISOLATED=1`` and runs them in the best mode available, with a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import marshal
 import os
 import selectors
@@ -44,8 +51,31 @@ _PYTHON = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executa
 _UID_BASE = 1_000_000_000  # fresh uids with no passwd entry, far from any real account
 _uid_counter = itertools.count()
 
+log = logging.getLogger(__name__)
+
 STATUSES = ("passed", "failed", "timeout", "memory", "killed", "output_limit", "error")
 MODES = ("namespaces", "userns", "setuid", "plain")
+# Measured protections without which model-written code could reach the network (cloud metadata and
+# credentials, the Ray ports), signal the node's processes, or read and write the host's files.
+REQUIRED_PROTECTIONS = {
+    "no_network": "network isolation",
+    "private_pids": "process isolation",
+    "readonly_outside_workdir": "a read-only filesystem outside its directory",
+    "host_files_hidden": "hidden host files",
+}
+# Set by the CLI from the config's sandbox.allow_unisolated and forwarded to Ray workers; "1" = allowed.
+ALLOW_UNISOLATED_ENV = "RR_RAY_SANDBOX_ALLOW_UNISOLATED"
+_HOW_TO_GRANT = (
+    "run as root with CAP_SYS_ADMIN, or allow unprivileged user namespaces (sysctl "
+    "kernel.unprivileged_userns_clone=1 and user.max_user_namespaces>0; on Ubuntu 23.10+ "
+    "kernel.apparmor_restrict_unprivileged_userns=0); on KubeRay give the Ray container "
+    "securityContext: {runAsUser: 0, capabilities: {add: [SYS_ADMIN]}, appArmorProfile: {type: Unconfined}} "
+    "or privileged: true; or, on a trusted, disposable machine only, set sandbox.allow_unisolated: true"
+)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """This host cannot isolate model-written code, and the config did not allow running it anyway."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +126,11 @@ class SandboxReport:
 
 
 def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run ``code`` as a program in the sandbox; never raises for anything the program does."""
-    return _run(code, limits or SandboxLimits(), sandbox_report().mode)
+    """Run ``code`` as a program in the sandbox; never raises for anything the program does.
+
+    Raises :class:`SandboxUnavailableError` where this host cannot isolate it (see the module doc).
+    """
+    return _run(code, limits or SandboxLimits(), _usable_mode())
 
 
 def run_many(
@@ -106,9 +139,12 @@ def run_many(
     """Run many programs, ``parallelism`` at a time (default: CPU count); results in input order.
 
     Threads are enough: each program is its own process, the threads only wait on pipes.
+    Raises :class:`SandboxUnavailableError` like :func:`run_python` (not for an empty list).
     """
+    if not codes:
+        return []
     limits = limits or SandboxLimits()
-    mode = sandbox_report().mode
+    mode = _usable_mode()
     workers = max(1, min(parallelism or os.cpu_count() or 1, len(codes) or 1))
     if workers == 1:
         return [_run(code, limits, mode) for code in codes]
@@ -119,6 +155,42 @@ def run_many(
 def capabilities() -> dict[str, bool]:
     """Protections verified active on this host (see :class:`SandboxReport`)."""
     return dict(sandbox_report().protections)
+
+
+def set_allow_unisolated(allowed: bool) -> None:
+    """Apply the config's ``sandbox.allow_unisolated`` to this process and the Ray workers it starts.
+
+    Always set, "0" included: the config, not a variable left in a pod's environment, decides.
+    """
+    os.environ[ALLOW_UNISOLATED_ENV] = "1" if allowed else "0"
+
+
+def missing_isolation(report: SandboxReport | None = None) -> list[str]:
+    """The :data:`REQUIRED_PROTECTIONS` that ``report`` (default: this host's) did not measure."""
+    report = report or sandbox_report()
+    return [name for name in REQUIRED_PROTECTIONS if not report.protections.get(name)]
+
+
+def _usable_mode() -> str:
+    """The mode to run programs in; raises unless isolation holds or the config allowed going without."""
+    report = sandbox_report()
+    missing = missing_isolation(report)
+    if missing:
+        lacks = ", ".join(f"{REQUIRED_PROTECTIONS[name]} ({name})" for name in missing)
+        forced = " (forced by RR_RAY_SANDBOX_MODE)" if os.environ.get("RR_RAY_SANDBOX_MODE") else ""
+        if os.environ.get(ALLOW_UNISOLATED_ENV) != "1":
+            raise SandboxUnavailableError(
+                f"the code sandbox refuses to run model-written code: on this host its mode {report.mode!r}"
+                f"{forced} lacks {lacks}; to grant isolation, {_HOW_TO_GRANT}")
+        _warn_unisolated(report.mode, lacks)
+    return report.mode
+
+
+@functools.cache
+def _warn_unisolated(mode: str, lacks: str) -> None:
+    # Cached: one warning per process, not one per program.
+    log.warning("sandbox.allow_unisolated is set: running model-written code WITHOUT %s (sandbox mode %r); "
+                "it may reach the network, this node's processes and its files", lacks, mode)
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,7 +217,7 @@ def sandbox_report() -> SandboxReport:
             note = "; ".join(failures)
             return SandboxReport(mode=mode, protections=_protections(mode, facts), note=note)
         failures.append(f"{mode}: {res.status} {res.stderr.strip()[-300:]}")
-    raise RuntimeError("no sandbox mode works on this host: " + " | ".join(failures))
+    raise SandboxUnavailableError("no sandbox mode works on this host: " + " | ".join(failures))
 
 
 def _mode_possible(mode: str) -> bool:
@@ -192,6 +264,8 @@ for d in ("/", "/etc", "/usr", "/var/tmp", "/dev/shm", os.path.dirname(HOST_FILE
     try:
         with open(os.path.join(d, ".rr_ray_probe"), "w"):
             writable.append(d)
+        if d != SHARED_DIR:  # a weak mode got through: leave the host as it was (the host checks SHARED_DIR)
+            os.remove(os.path.join(d, ".rr_ray_probe"))
     except OSError:
         pass
 facts["readonly_outside_workdir"] = not writable

@@ -41,10 +41,11 @@ class Scorer:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, dtype: str = "float32", batch_size: int = 16,
-                       threads: int | None = None) -> Scorer:
+                       threads: int | None = None, device: str | None = None) -> Scorer:
+        """hf scorer; ``device`` None = ``loader.model_device()`` (the GPU Ray assigned to this worker, if any)."""
         from rr_ray.generation.hf_generator import HFGenerator
 
-        return cls(HFGenerator(model_dir, dtype=dtype, threads=threads, batch_size=batch_size))
+        return cls(HFGenerator(model_dir, dtype=dtype, threads=threads, batch_size=batch_size, device=device))
 
     @classmethod
     def from_spec(cls, model_dir: str | Path, spec: dict[str, Any], threads: int | None = None) -> Scorer:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from rr_ray.generation.base import Completion, Request, SamplingParams, cut_at_stop
-from rr_ray.models.loader import apply_chat, load_model, load_tokenizer
+from rr_ray.models.loader import apply_chat, load_model, load_tokenizer, model_device
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
@@ -18,11 +18,14 @@ class HFGenerator:
     """Generates with ``model.generate``; rows of one batch may use different adapters (peft mixed batch)."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", threads: int | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, device: str | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        # None: the GPU Ray assigned to this worker (sweep trial, generation actor, evaluate task, serve
+        # replica), else the CPU; outside Ray, CUDA when present. Inputs follow the model to this device.
+        self.device = device or model_device()
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_model(model_dir, dtype)
+        self.model = load_model(model_dir, dtype, device=self.device)
         self.batch_size = batch_size
         self._adapters: dict[str, str] = {}  # adapter dir -> adapter name in the PeftModel
 
@@ -34,9 +37,10 @@ class HFGenerator:
 
             name = "a" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
             if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.model.load_adapter(path, adapter_name=name, torch_device=self.device)
+            else:  # torch_device: else peft loads onto its own guess, "cuda", which Ray may not have assigned
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name,
+                                                       torch_device=self.device)
             self.model.eval()
             self._adapters[path] = name
         return self._adapters[path]
@@ -47,7 +51,7 @@ class HFGenerator:
     @torch.inference_mode()
     def _generate_batch(self, texts: list[str], adapters: list[str], params: SamplingParams,
                         streamer: Any = None) -> list[Completion]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         kwargs: dict = dict(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -107,6 +111,7 @@ class HFGenerator:
             for b, k in enumerate(chunk):
                 ids[b, : len(rows[k][0])] = torch.tensor(rows[k][0])
                 mask[b, : len(rows[k][0])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)  # built on the host, one copy per batch
             kwargs = {}
             if self._adapters:
                 kwargs["adapter_names"] = [rows[k][2] for k in chunk]

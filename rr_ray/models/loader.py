@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +94,63 @@ def resolve_dtype(dtype: str) -> str:
     return min(speed, key=speed.__getitem__)
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32") -> Any:
-    """Causal LM in eval mode with the requested dtype (``auto`` allowed)."""
+def choose_device(assigned_gpus: Sequence[str] | None, cuda_available: bool,
+                  visible: Sequence[str] | None = None) -> str:
+    """The torch device for a model loaded in this process (pure: the inputs say everything).
+
+    ``assigned_gpus``: the GPU ids Ray assigned to this worker, or None when the process is no Ray worker (a
+    driver or a plain script, which owns the machine: CUDA if there is one). A Ray worker without GPUs gets the
+    CPU even on a GPU node: Ray leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0 work, and taking a GPU it
+    did not reserve would crowd the workers it did. ``visible``: CUDA_VISIBLE_DEVICES as a list. Ray
+    normally sets it to exactly the assigned ids (the GPU is then cuda:0); where it lists more (Ray's NOSET
+    option, GPUs shared among a node's workers) the assigned id is found at its position in that list.
+    Several assigned GPUs: the model goes to the first (one device per model; no sharding here).
+    """
+    if assigned_gpus is None:
+        return "cuda" if cuda_available else "cpu"
+    if not assigned_gpus or not cuda_available:
+        return "cpu"
+    order = list(visible or ())
+    positions = [order.index(g) for g in assigned_gpus if g in order]
+    return f"cuda:{min(positions)}" if positions else "cuda:0"
+
+
+def ray_assigned_gpus() -> list[str] | None:
+    """GPU ids Ray assigned to this process (``get_accelerator_ids``), or None outside a Ray worker."""
+    ray = sys.modules.get("ray")  # never imported: certainly not a Ray worker, and no import cost
+    if ray is None or not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    # A driver (also a Ray Client one, whose context has no local worker) has no assignment: "outside Ray".
+    if getattr(getattr(ctx, "worker", None), "mode", None) != ray.WORKER_MODE:
+        return None
+    return [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+
+
+def model_device() -> str:
+    """Where a model loaded now in this process belongs: ``choose_device`` on Ray's assignment."""
+    assigned = ray_assigned_gpus()
+    visible = None
+    if assigned:
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        # Unset: nothing masks the node's GPUs, so device i is physical GPU i (Ray's ids are those indices).
+        ids = env.split(",") if env is not None else range(torch.cuda.device_count())
+        visible = [str(v).strip() for v in ids]
+    return choose_device(assigned, torch.cuda.is_available(), visible)
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> Any:
+    """Causal LM in eval mode with the requested dtype (``auto`` allowed) on ``device``.
+
+    The default stays CPU: Ray Train workers (release/train.py) get their device from Ray Train, and a
+    caller that wants the accelerator Ray assigned passes ``model_device()``.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[resolve_dtype(dtype)])
+    kwargs: dict[str, Any] = {}
+    if device != "cpu":  # weights go straight to the accelerator instead of through a full host copy
+        kwargs["device_map"] = device
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[resolve_dtype(dtype)], **kwargs)
     model.eval()
     return model
 

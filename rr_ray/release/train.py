@@ -2,7 +2,8 @@
 the current composed model held frozen, as a Ray Train ``TorchTrainer`` run.
 
 Strategies (config ``release.train.strategy``): ``ddp`` (torch DDP over CPU or GPU workers, the CPU default)
-and ``deepspeed`` (ZeRO from our config; GPU clusters, the ``gpu`` extra). Each epoch ends with a checkpoint
+and ``deepspeed`` (ZeRO stage 0-2 from our config, on GPUs or on DeepSpeed's CPU accelerator; the ``gpu`` or
+``deepspeed`` extra; stage 3 is refused at config load since checkpoints are saved from rank 0). Each epoch ends with a checkpoint
 reported through Ray Train; a worker that dies makes Ray Train restart the group (``FailureConfig``) and the
 loop resumes from the last checkpoint. A driver killed and rerun with the same run directory resumes too:
 Ray Train V2 reloads the run's checkpoint snapshot from ``storage_path`` when the run name matches.
@@ -77,11 +78,14 @@ def build_trainable(model_dir: str, base_adapter: str | None, lora: LoraConfig, 
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
-    from rr_ray.models.loader import load_model
+    from rr_ray.models.loader import DTYPES, load_model, resolve_dtype
 
-    model = load_model(model_dir, dtype)
+    # The edit log is merged in fp32 and only then cast: scoring applies it unmerged (in the LoRA's fp32), and a
+    # bf16 merge would round each weight's small delta away.
+    model = load_model(model_dir, "float32" if base_adapter else dtype)
     if base_adapter:
         model = PeftModel.from_pretrained(model, base_adapter).merge_and_unload()
+        model = model.to(DTYPES[resolve_dtype(dtype)])
     for p in model.parameters():
         p.requires_grad_(False)
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
@@ -89,16 +93,24 @@ def build_trainable(model_dir: str, base_adapter: str | None, lora: LoraConfig, 
     return get_peft_model(model, peft_cfg)
 
 
-def _deepspeed_config(train: TrainConfig, world: int) -> dict[str, Any]:
-    return {
+def _deepspeed_config(train: TrainConfig, world: int, dtype: str) -> dict[str, Any]:
+    """ZeRO from our config; mixed precision only when the model is loaded in that dtype (fp32 trains in fp32).
+    On CPU (DeepSpeed's CPU accelerator, on the gloo group Ray Train set up) the fused CUDA Adam and
+    communication overlap do not exist: torch's AdamW and plain ZeRO-2 reductions are used."""
+    on_gpu = train.use_gpu
+    cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "train_batch_size": train.batch_size * world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
-        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": train.zero_stage, "overlap_comm": on_gpu, "contiguous_gradients": on_gpu},
         "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": 0.0}},
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": 0.0, "torch_adam": not on_gpu}},
     }
+    if dtype == "bfloat16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "float16":
+        cfg["fp16"] = {"enabled": True}
+    return cfg
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -106,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from rr_ray.models.loader import load_tokenizer, resolve_model
+    from rr_ray.models.loader import load_tokenizer, resolve_dtype, resolve_model
 
     train = TrainConfig.model_validate(config["train"])
     lora = LoraConfig.model_validate(config["lora"])
@@ -138,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         import deepspeed
 
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
-                                               config=_deepspeed_config(train, world))
+                                               config=_deepspeed_config(train, world, resolve_dtype(config["dtype"])))
         device = engine.device
         step_fn = engine
     else:
@@ -202,12 +214,11 @@ def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path
     if not rows:
         raise ValueError(f"{name}: no training rows")
     if train.strategy == "deepspeed":
-        if not train.use_gpu:
-            raise ValueError("release.train.strategy=deepspeed needs release.train.use_gpu=true")
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise ImportError("release.train.strategy=deepspeed needs the gpu extra: pip install 'rr-ray[gpu]'")
+            raise ImportError("release.train.strategy=deepspeed needs DeepSpeed: pip install 'rr-ray[gpu]' "
+                              "(or 'rr-ray[deepspeed]' on CPU)") from None
     storage_path, fs = arrow_storage(storage_uri, endpoint_url)
     config = {"train": train.model_dump(), "lora": lora.model_dump(), "rows": rows, "model_dir": str(model_dir),
               "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker,

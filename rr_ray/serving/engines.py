@@ -125,10 +125,14 @@ class HFEngine:
     """transformers engine with request batching by ``@serve.batch`` (one batch decodes at a time)."""
 
     def __init__(self, model_dir: str | Path, adapters: list[str | None], dtype: str = "float32",
-                 threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02) -> None:
+                 threads: int | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.02,
+                 device: str | None = None) -> None:
         from rr_ray.generation.hf_generator import HFGenerator
 
-        self.generator = HFGenerator(model_dir, dtype=dtype, threads=threads, batch_size=max_batch_size)
+        # Built inside the Serve replica: the model goes to the GPU Ray gave the replica (ServeArgs.num_gpus)
+        # through loader.model_device(), else to the CPU.
+        self.generator = HFGenerator(model_dir, dtype=dtype, threads=threads, batch_size=max_batch_size,
+                                     device=device)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._tasks: set[asyncio.Future] = set()
