@@ -283,6 +283,21 @@ class SandboxConfig(_Section):
         "machines."))
 
 
+def _check_custom(c: CustomTargetConfig) -> None:
+    """What task.name=custom needs, checked without touching files (workers re-validate run.yaml elsewhere)."""
+    needs = {"keywords": c.keywords, "regex": c.patterns, "embedding": c.examples, "classifier": c.classifier}
+    field = {"keywords": "keywords", "regex": "patterns", "embedding": "examples", "classifier": "classifier"}
+    if not needs[c.oracle]:
+        raise ValueError(f"task.custom.{field[c.oracle]}: the {c.oracle} oracle needs it (task.name=custom)")
+    for pattern in c.patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"task.custom.patterns: bad regex {pattern!r}: {exc}") from None
+    if len(c.contexts) < 2 and not c.contexts_path:
+        raise ValueError("task.custom: need at least 2 context prompts (contexts or contexts_path)")
+
+
 class RRConfig(_Section):
     """The root config of one rr-ray run."""
 
@@ -320,6 +335,8 @@ class RRConfig(_Section):
                                  f"score (only {sorted(exact)} do)")
         if self.task.utility_data != "asdiv" and self.task.name != "code":
             raise ValueError(f"task.utility_data applies to the code task only (task is {self.task.name!r})")
+        if self.task.name == "custom":
+            _check_custom(self.task.custom)
         if self.release.retain_source == "self" and self.task.name != "code":
             raise ValueError(f"release.retain_source=self needs an answer oracle, which only the code task has "
                              f"(task is {self.task.name!r})")

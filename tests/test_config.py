@@ -128,3 +128,14 @@ def test_deepspeed_settings_are_checked_at_load() -> None:
     assert load_config(None, ["release.train.strategy=deepspeed"]).release.train.zero_stage == 2
     with pytest.raises(ConfigError, match="zero_stage=3"):
         load_config(None, ["release.train.strategy=deepspeed", "release.train.zero_stage=3"])
+
+
+def test_custom_task_without_its_section_is_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match="keywords oracle needs it"):
+        load_config(None, ["task.name=custom"])
+    with pytest.raises(ConfigError, match="bad regex"):
+        load_config(None, ["task.name=custom", "task.custom.oracle=regex", "task.custom.patterns=['(']"])
+    with pytest.raises(ConfigError, match="at least 2 context prompts"):
+        load_config(None, ["task.name=custom", "task.custom.keywords=[x]", "task.custom.contexts=[one]"])
+    ok = load_config(None, ["task.name=custom", "task.custom.keywords=[x]", "task.custom.contexts=[a, b]"])
+    assert ok.task.custom.keywords == ["x"]
