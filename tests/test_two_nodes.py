@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port, stop
-from tests.test_jobs_submit import AUTH, RAY_BIN, ROOT, _client, _job_status, _wait_http
+from tests.test_jobs_submit import AUTH, RAY_BIN, _client, _job_status, _wait_http
+
 
 def _start(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as log:
@@ -89,7 +90,7 @@ def _actor_nodes(address: str) -> dict[str, set[str]]:
 
 @pytest.mark.e2e
 def test_job_on_a_two_node_cluster_runs_its_work_on_the_worker_node(two_nodes, tmp_path: Path) -> None:
-    address, gcs, cache = two_nodes
+    address, _, cache = two_nodes
     run_dir = tmp_path / "run"
     job_id = f"rr-two-{os.getpid()}"
     t0 = time.perf_counter()
