@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _release(uri: str, endpoint: str, model_dir: Path, forget: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     sets = [f"run.dir={uri}", f"run.s3_endpoint_url={endpoint}", f"model.name_or_path={model_dir}",
-            f"release.forget_path={forget}", "release.iterations=0", "release.forget_weights=[1.0, 2.0]",
+            f"release.forget_path={forget}", "release.iterations=1", "release.forget_weights=[1.0, 2.0]",
             "release.eval_limit=2", "release.retain_rows=4", "release.lora.r=2", "release.train.num_workers=1",
             "release.train.batch_size=4", "ray.num_cpus=2"]
     args = [a for s in sets for a in ("--set", s)]
@@ -33,8 +33,12 @@ def test_release_writes_to_s3_and_resumes(s3_server: str, s3_uri: str, tiny_mode
     run = RunDir.open(s3_uri, endpoint_url=s3_server)
     assert run.is_done("release") and run.is_done("release-mu_0")
     log = run.read_json("edit_log.json")
-    assert [e["step"] for e in log["edits"]] == ["mu_0"]
+    steps = run.read_json("release/steps.json")
+    # accepted steps are applied, rejected ones apply 0; the retain step restores utility on the tiny model
+    assert [e["step"] for e in log["edits"]] == [r["step"] for r in steps[1:] if r["accepted"]]
+    assert log["edits"], "no step accepted: the test no longer puts a composed adapter on S3"
     assert set(run.manifest()) >= {"run.yaml", "edit_log.json", "release/mu_0/adapter/adapter_config.json",
+                                   "release/lambda_1/adapter/adapter_config.json",
                                    "release/composed/adapter_config.json", "release/steps.json"}
     assert any(name.startswith("ray/") for name in run.list("")), "Ray Train/Tune state is not on S3"
     second = _release(s3_uri, s3_server, tiny_model_dir, forget)
