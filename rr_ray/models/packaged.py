@@ -66,14 +66,6 @@ def gguf_path(name: str) -> Path:
     return parts[0]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def join_parts(parts: list[Path], out: Path, sha256: str | None) -> Path:
     """Concatenate ``parts`` into ``out`` (atomically), refusing a result whose sha256 differs."""
     tmp = out.with_name(out.name + ".partial")
