@@ -19,6 +19,9 @@ import ray
 from rr_ray.config import GenerationConfig
 from rr_ray.generation.base import Completion, Request, SamplingParams, make_generator
 
+# A function of (transformers model, tokenizer, *args) that a pool runs inside its actors.
+ModelFn = Callable[..., Any]
+
 
 class GeneratorWorker:
     """Plain class holding one backend; the pool makes it a Ray actor."""
@@ -29,13 +32,42 @@ class GeneratorWorker:
             from rr_ray.models.loader import resolve_model
 
             backend_kwargs = {**backend_kwargs, "model_dir": str(resolve_model(model_ref))}
+        self.model_dir, self.dtype = backend_kwargs["model_dir"], backend_kwargs.get("dtype", "auto")
         self.generator = make_generator(backend, **backend_kwargs)
+        self._hf_copy: tuple[Any, Any] | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
     def generate(self, batch_id: int, requests: list[Request], params: SamplingParams) -> tuple[int, list]:
         return batch_id, self.generator.generate(requests, params)
+
+    def with_model(self, batch_id: int, fn: ModelFn, *args: Any) -> tuple[int, Any]:
+        """``fn(model, tokenizer, *args)`` on this actor's transformers model, on the device Ray gave it.
+
+        The hf backend lends its own model. An engine that hides it (vLLM) gets a transformers copy loaded on
+        first use, kept until ``drop_model_copy``: on a GPU that copy needs room beside vLLM's reservation.
+        """
+        model = getattr(self.generator, "model", None)
+        if model is not None:
+            return batch_id, fn(model, self.generator.tokenizer, *args)
+        if self._hf_copy is None:
+            from rr_ray.models.loader import load_model, load_tokenizer, model_device
+
+            self._hf_copy = (load_model(self.model_dir, self.dtype, device=model_device()),
+                             load_tokenizer(self.model_dir))
+        return batch_id, fn(*self._hf_copy, *args)
+
+    def drop_model_copy(self) -> None:
+        if self._hf_copy is not None:
+            self._hf_copy = None
+            import gc
+
+            import torch
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def backend_kwargs(cfg: GenerationConfig, model_dir: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -71,35 +103,60 @@ class GeneratorPool:
                  on_batch: Callable[[int], None] | None = None) -> list[list[Completion]]:
         """n completions per request in request order; ``on_batch(rows_done)`` reports progress."""
         size = self.cfg.batch_size
-        batches = deque((i, requests[s : s + size]) for i, s in enumerate(range(0, len(requests), size)))
-        results: dict[int, list[list[Completion]]] = {}
-        inflight: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
+        batches = [requests[s : s + size] for s in range(0, len(requests), size)]
+
+        def submit(actor: Any, batch_id: int) -> ray.ObjectRef:
+            # Each batch gets its own seed so a retried batch samples exactly what the first try would.
+            batch_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + batch_id)
+            return actor.generate.remote(batch_id, batches[batch_id], batch_params)
+
+        progress = (lambda _i, outs: on_batch(len(outs))) if on_batch else None
+        results = self._spread(submit, len(batches), progress)
+        ordered = [row for outs in results for row in outs]
+        if len(ordered) != len(requests):
+            raise RuntimeError(f"generator pool returned {len(ordered)} rows for {len(requests)} requests")
+        return ordered
+
+    def with_model(self, fn: ModelFn, arg_batches: list[tuple], on_result: Callable[[int, Any], None] | None = None,
+                   ) -> list[Any]:
+        """``fn(model, tokenizer, *args)`` for each args tuple, spread over the actors; results in input order.
+
+        For work that needs the raw transformers model (e.g. decoding from input embeddings) on the actors'
+        devices instead of the driver's. ``fn`` must be deterministic: a retried call must give the same result.
+        """
+        return self._spread(lambda actor, i: actor.with_model.remote(i, fn, *arg_batches[i]), len(arg_batches),
+                            on_result)
+
+    def drop_model_copies(self) -> None:
+        """Free the transformers copies ``with_model`` loaded beside an engine that hides its model."""
+        ray.get([a.drop_model_copy.remote() for a in self.actors])
+
+    def _spread(self, submit: Callable[[Any, int], ray.ObjectRef], n: int,
+                on_result: Callable[[int, Any], None] | None) -> list[Any]:
+        """Run calls 0..n-1 (``submit(actor, i)`` returns a ref to ``(i, result)``) as actors free up."""
+        pending = deque(range(n))
+        results: dict[int, Any] = {}
+        inflight: dict[ray.ObjectRef, Any] = {}
         idle = deque(self.actors * 2)  # two batches per actor keep it busy while one result transfers
-        while batches or inflight:
-            while batches and idle:
+        while pending or inflight:
+            while pending and idle:
                 actor = idle.popleft()
-                batch_id, batch = batches.popleft()
-                # Each batch gets its own seed so a retried batch samples exactly what the first try would.
-                batch_params = dataclasses.replace(params, seed=params.seed * 1_000_003 + batch_id)
-                inflight[actor.generate.remote(batch_id, batch, batch_params)] = actor
+                inflight[submit(actor, pending.popleft())] = actor
             ready, _ = ray.wait(list(inflight), num_returns=1)
             actor = inflight.pop(ready[0])
             try:
-                batch_id, outs = ray.get(ready[0])
+                i, out = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
                 raise RuntimeError(
                     f"a generator actor died and its batch could not be retried "
                     f"(max_restarts={self.cfg.max_restarts}, max_task_retries={self.cfg.max_task_retries}): "
                     f"{str(exc).splitlines()[0]}"
                 ) from exc
-            results[batch_id] = outs
+            results[i] = out
             idle.append(actor)
-            if on_batch:
-                on_batch(len(outs))
-        ordered = [row for i in range(len(results)) for row in results[i]]
-        if len(ordered) != len(requests):
-            raise RuntimeError(f"generator pool returned {len(ordered)} rows for {len(requests)} requests")
-        return ordered
+            if on_result:
+                on_result(i, out)
+        return [results[i] for i in range(n)]
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -62,15 +62,34 @@ class Decoded:
     features: np.ndarray  # (b, hidden) last-token hidden states of the decoding input
 
 
+@dataclass(frozen=True)
+class DecodeSpec:
+    """Everything that fixes a candidate's instruction besides the model: the same spec and model give the
+    same decode in any process, so batches can go to any generator actor (and be retried there)."""
+
+    points: np.ndarray
+    text: str
+    soft_tokens: int
+    seed: int
+    max_new_tokens: int
+    scale: float
+
+
+def decode_batch(model: Any, tokenizer: Any, spec: DecodeSpec, ids: list[int]) -> Decoded:
+    """Instructions and features of candidates ``ids`` on ``model`` (run inside a generator actor)."""
+    return InstructionDecoder(model, tokenizer, spec.points, spec.text, spec.soft_tokens, spec.seed,
+                              spec.max_new_tokens, spec.scale).decode(ids)
+
+
 class InstructionDecoder:
-    """Holds the white-box model in the driver process and turns candidate ids into instructions."""
+    """Holds the white-box model and turns candidate ids into instructions (cheap to build: one projection)."""
 
     def __init__(self, model: Any, tokenizer: Any, points: np.ndarray, text: str, soft_tokens: int,
                  seed: int, max_new_tokens: int = 32, scale: float = 1.0) -> None:
         self.model, self.tokenizer, self.points = model, tokenizer, np.asarray(points, dtype=np.float64)
         self.max_new_tokens = max_new_tokens
         emb = model.get_input_embeddings().weight.detach()
-        self.dtype = emb.dtype
+        self.dtype, self.device = emb.dtype, emb.device
         hidden = emb.shape[1]
         self.target_norm = float(emb.float().norm(dim=1).mean()) * scale
         gen = torch.Generator().manual_seed(seed)
@@ -86,14 +105,14 @@ class InstructionDecoder:
         with torch.no_grad():
             self.head_embeds, self.lead_embeds = (
                 model.get_input_embeddings()(tokenizer(part, return_tensors="pt", add_special_tokens=False)
-                                             ["input_ids"])[0] for part in (head, lead))
+                                             ["input_ids"].to(self.device))[0] for part in (head, lead))
 
     def soft_prompts(self, ids: Sequence[int]) -> torch.Tensor:
         """(b, soft_tokens, hidden) embeddings of the candidates ``ids``, each token at the mean norm."""
         z = torch.as_tensor(self.points[list(ids)], dtype=torch.float64)
         soft = (z @ self.proj.T).reshape(len(ids), self.soft_tokens, self.hidden)
         soft = soft / soft.norm(dim=-1, keepdim=True).clamp_min(1e-12) * self.target_norm
-        return soft.to(self.dtype)
+        return soft.to(self.device, self.dtype)
 
     @torch.inference_mode()
     def decode(self, ids: Sequence[int]) -> Decoded:
@@ -101,7 +120,7 @@ class InstructionDecoder:
         soft = self.soft_prompts(ids)
         b = len(ids)
         embeds = torch.cat([self.head_embeds.expand(b, -1, -1), soft, self.lead_embeds.expand(b, -1, -1)], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.device)
         out = self.model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.max_new_tokens, do_sample=False,
             temperature=None, top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id,
@@ -131,17 +150,15 @@ def _npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def prepare_candidates(cfg: Any, run: Any, model_dir: str, contexts: Sequence[str],
+def prepare_candidates(cfg: Any, run: Any, contexts: Sequence[str], pool: Any,
                        on_batch: Any = None) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Decode every candidate's instruction and features once, in batches, cached in the run directory.
 
-    Runs in the driver process: the pool's actor holds the CPUs Ray knows about, but it is idle while this
-    runs (reveal decodes all candidates before it scores any), and ``inputs_embeds`` decoding needs the raw
-    transformers model, which a vLLM actor does not expose. Each finished batch is written before the next
-    starts, so a killed run resumes from the last finished batch.
+    The batches run in the generator pool's actors (``GeneratorPool.with_model``), on the devices and nodes
+    Ray gave them, never in the driver; reveal decodes every candidate before it scores any, so the actors
+    are otherwise idle then. Each finished batch, once all before it are in, is written before more are, so
+    a killed run resumes from the last written batch.
     """
-    from rr_ray.models.loader import load_model, load_tokenizer
-
     rc, seed = cfg.reveal, cfg.run.seed
     rows: list[dict[str, Any]] = []
     feats = np.zeros((0, 0), dtype=np.float32)
@@ -152,23 +169,30 @@ def prepare_candidates(cfg: Any, run: Any, model_dir: str, contexts: Sequence[st
         on_batch(len(rows))
     if len(rows) >= rc.num_candidates:
         return rows[: rc.num_candidates], feats[: rc.num_candidates]
-    points = sobol_candidates(rc.num_candidates, rc.intrinsic_dim, seed)
     text = exemplar_text(contexts, rc.exemplars, seed)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, cfg.generation.dtype)
-    decoder = InstructionDecoder(model, tokenizer, points, text, rc.soft_tokens, seed + 1,
-                                 rc.max_instruction_tokens, rc.soft_prompt_scale)
-    chunks = [feats] if len(rows) else []
-    for start in range(len(rows), rc.num_candidates, rc.decode_batch_size):
-        ids = list(range(start, min(start + rc.decode_batch_size, rc.num_candidates)))
-        out = decoder.decode(ids)
-        rows.extend({"id": i, "instruction": ins, "continuation": cont}
-                    for i, ins, cont in zip(ids, out.instructions, out.continuations))
-        chunks.append(out.features.astype(np.float32))
-        feats = np.concatenate(chunks)
-        chunks = [feats]
-        run.write_bytes(CANDIDATES_NPY, _npy_bytes(feats))  # features first: the JSON's count commits both
-        run.write_json(CANDIDATES_JSON, {"decoding_input": text, "candidates": rows})
+    spec = DecodeSpec(sobol_candidates(rc.num_candidates, rc.intrinsic_dim, seed), text, rc.soft_tokens,
+                      seed + 1, rc.max_instruction_tokens, rc.soft_prompt_scale)
+    batches = [list(range(s, min(s + rc.decode_batch_size, rc.num_candidates)))
+               for s in range(len(rows), rc.num_candidates, rc.decode_batch_size)]
+    done: dict[int, Decoded] = {}
+    state = {"next": 0, "feats": feats}
+
+    def collect(i: int, out: Decoded) -> None:
+        done[i] = out
+        while state["next"] in done:  # write the finished prefix, in candidate order
+            ids, dec = batches[state["next"]], done.pop(state["next"])
+            rows.extend({"id": c, "instruction": ins, "continuation": cont}
+                        for c, ins, cont in zip(ids, dec.instructions, dec.continuations))
+            new = dec.features.astype(np.float32)
+            state["feats"] = np.concatenate([state["feats"], new]) if state["feats"].size else new
+            state["next"] += 1
+            run.write_bytes(CANDIDATES_NPY, _npy_bytes(state["feats"]))  # features first: the JSON commits both
+            run.write_json(CANDIDATES_JSON, {"decoding_input": text, "candidates": rows})
         if on_batch:
-            on_batch(len(ids))
-    return rows, feats
+            on_batch(len(out.instructions))
+
+    try:
+        pool.with_model(decode_batch, [(spec, ids) for ids in batches], collect)
+    finally:
+        pool.drop_model_copies()
+    return rows, state["feats"]

@@ -170,7 +170,7 @@ def run_reveal(cfg: RRConfig, run: RunDir, model_dir: str, pool: Any | None = No
         if rc.mode == "direct":
             out = _direct(cfg, run, scorer, contexts)
         else:
-            out = _search(cfg, run, model_dir, scorer, contexts, progress)
+            out = _search(cfg, run, scorer, contexts, progress)
     finally:
         if own_pool:
             pool.shutdown()
@@ -193,7 +193,7 @@ def _cached(cache: dict[str, Any], p: str, idx: list[int]) -> tuple[list[str], l
     return [entry["responses"][i] for i in idx], [entry["relevance"][i] for i in idx]
 
 
-def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer, contexts: list[str],
+def _search(cfg: RRConfig, run: RunDir, scorer: CandidateScorer, contexts: list[str],
             progress: bool) -> dict[str, Any]:
     rc, seed = cfg.reveal, cfg.run.seed
     greedy = cfg.generation.temperature == 0
@@ -219,7 +219,7 @@ def _search(cfg: RRConfig, run: RunDir, model_dir: str, scorer: CandidateScorer,
 
     with _progress(progress) as bar:
         task_id = bar.add_task("reveal: decode instructions", total=rc.num_candidates)
-        cands, feats = prepare_candidates(cfg, run, model_dir, contexts,
+        cands, feats = prepare_candidates(cfg, run, contexts, scorer.pool,
                                           on_batch=lambda k: bar.advance(task_id, k))
         state = _load(run) or {"version": STATE_VERSION, "outer": 0, "inner": 0, "ucb": None, "kept": None,
                                "history": [], "forget": [], "best": [], "cache": {}}
