@@ -17,6 +17,7 @@ from rr_ray import cluster
 from rr_ray.config import ConfigError, RRConfig, config_changes
 from rr_ray.models.loader import describe_model, resolve_model
 from rr_ray.storage import RunDir, localize
+from rr_ray.tasks.base import SIDES
 
 console = Console(stderr=True)
 
@@ -84,8 +85,8 @@ def stage_release(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     return run_release(cfg, run, console)
 
 
-def _evaluate_one(cfg_yaml: str, adapter_uri: str | None) -> dict[str, Any]:
-    """One model's full forget + utility metrics; runs as a Ray task next to wherever Ray has room."""
+def _evaluate_one(cfg_yaml: str, adapter_uri: str | None, side: str) -> dict[str, Any]:
+    """One side (forget or utility) of one model's full metrics; a Ray task wherever Ray has room."""
     from rr_ray.config import config_from_text
     from rr_ray.evaluation.evaluate import evaluate
 
@@ -93,12 +94,17 @@ def _evaluate_one(cfg_yaml: str, adapter_uri: str | None) -> dict[str, Any]:
     adapter = str(localize(adapter_uri, endpoint_url=cfg.run.s3_endpoint_url)) if adapter_uri else None
     # The scorer's model lands on the GPU Ray assigned to this task (generation.gpus_per_actor), through
     # loader.model_device(); with none assigned it stays on the CPU even on a GPU node.
-    result = evaluate(cfg, adapter=adapter, limit=cfg.evaluate.limit)
+    result = evaluate(cfg, adapter=adapter, limit=cfg.evaluate.limit, sides=(side,))
     return result | {"adapter": adapter_uri}
 
 
 def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
-    """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json."""
+    """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json.
+
+    The four parts (base and final, forget and utility side) run as parallel Ray tasks where the cluster has
+    room, and each is written as it finishes (eval/<model>.<side>.json), so a stopped run redoes at most the
+    parts in flight.
+    """
     if (info := _skipped(run, "evaluate")) is not None:
         return info
     cluster.connect(cfg.ray)
@@ -107,14 +113,24 @@ def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     final = run.done_info("release")["composed_adapter"]
     resources = {"num_cpus": cfg.generation.cpus_per_actor, "num_gpus": cfg.generation.gpus_per_actor}
     task = ray.remote(**resources)(_evaluate_one)
+    models = {"base": None, "final": final}
+    parts = {(name, side): f"eval/{name}.{side}.json" for name in models for side in SIDES}
+    pending = {}
+    for (name, side), rel in parts.items():
+        if not run.exists(f"eval/{name}.json") and not run.exists(rel):
+            console.print(f"evaluate: {name} model, {side} side ({cfg.task.name}, limit {cfg.evaluate.limit or 'all'})")
+            pending[task.remote(cfg.to_yaml(), models[name], side)] = rel
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        run.write_json(pending.pop(ref), ray.get(ref))
     results = {}
-    for name, adapter in (("base", None), ("final", final)):
-        if run.exists(f"eval/{name}.json"):
-            results[name] = run.read_json(f"eval/{name}.json")
-            continue
-        console.print(f"evaluate: {name} model ({cfg.task.name}, limit {cfg.evaluate.limit or 'all'})")
-        results[name] = ray.get(task.remote(cfg.to_yaml(), adapter))
-        run.write_json(f"eval/{name}.json", results[name])
+    for name in models:
+        if not run.exists(f"eval/{name}.json"):
+            halves = [run.read_json(parts[(name, side)]) for side in SIDES]
+            merged = {**halves[0], **{side: h[side] for side, h in zip(SIDES, halves)},
+                      "wall_s": round(sum(h["wall_s"] for h in halves), 2)}
+            run.write_json(f"eval/{name}.json", merged)
+        results[name] = run.read_json(f"eval/{name}.json")
     from rr_ray.evaluation.evaluate import comparison_table
 
     console.print(comparison_table(results["base"], results["final"]))

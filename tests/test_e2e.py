@@ -70,6 +70,11 @@ def test_tiny_run_all_stages_survives_kill_9_and_resumes(tmp_path: Path) -> None
     assert [e["step"] for e in log["edits"]] == [r["step"] for r in steps[1:] if r["accepted"]]
     base, final = (json.loads((run_dir / f"eval/{n}.json").read_text()) for n in ("base", "final"))
     assert base["adapter"] is None
+    # each model's two sides were evaluated as separate tasks, each kept as it finished, then merged
+    for name, merged in (("base", base), ("final", final)):
+        for side in ("forget", "utility"):
+            part = json.loads((run_dir / f"eval/{name}.{side}.json").read_text())
+            assert part[side] == merged[side] and part["adapter"] == merged["adapter"]
     if log["edits"]:
         assert final["adapter"].endswith("release/composed")
         assert final["forget"]["s"] != base["forget"]["s"]  # the edit log changed the model

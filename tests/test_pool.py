@@ -87,7 +87,7 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _decode_where(model, tokenizer, spec, ids):  # noqa: ANN001  (runs inside an actor)
+def _decode_where(model, tokenizer, spec, ids):  # runs inside an actor
     from rr_ray.reveal.instructions import decode_batch
 
     return os.getpid(), str(next(model.parameters()).device), decode_batch(model, tokenizer, spec, ids)
@@ -97,10 +97,10 @@ def test_instruction_decoding_runs_in_the_actors_and_matches_a_local_decode(ray_
     import numpy as np
 
     from rr_ray.models.loader import load_model, load_tokenizer
-    from rr_ray.reveal.instructions import DecodeSpec, decode_batch, exemplar_text, sobol_candidates
+    from rr_ray.reveal import instructions as ins
 
-    spec = DecodeSpec(sobol_candidates(8, 4, 0), exemplar_text(PROMPTS, 2, 0), soft_tokens=2, seed=1,
-                      max_new_tokens=6, scale=1.0)
+    spec = ins.DecodeSpec(ins.sobol_candidates(8, 4, 0), ins.exemplar_text(PROMPTS, 2, 0), soft_tokens=2, seed=1,
+                          max_new_tokens=6, scale=1.0)
     batches = [[0, 1, 2], [3, 4, 5], [6, 7]]
     pool = GeneratorPool(_cfg(), tiny_model_dir)
     try:
@@ -116,6 +116,6 @@ def test_instruction_decoding_runs_in_the_actors_and_matches_a_local_decode(ray_
     model = load_model(tiny_model_dir, "float32")
     tok = load_tokenizer(tiny_model_dir)
     for ids, (_, _, dec) in zip(batches, out):
-        local = decode_batch(model, tok, spec, ids)
+        local = ins.decode_batch(model, tok, spec, ids)
         assert dec.continuations == local.continuations
         np.testing.assert_allclose(dec.features, local.features, rtol=1e-4, atol=1e-4)

@@ -12,23 +12,25 @@ from rr_ray.config import RRConfig
 from rr_ray.evaluation.scoring import Scorer, scorer_spec
 from rr_ray.models.loader import resolve_model
 from rr_ray.storage import RunDir
-from rr_ray.tasks.base import get_task, steering_scores
+from rr_ray.tasks.base import SIDES, get_task, steering_score
 
 
 def evaluate(cfg: RRConfig, adapter: str | None = None, limit: int | None = None,
-             scorer: Scorer | None = None) -> dict[str, Any]:
-    """Forget and utility metrics of ``cfg.task`` for ``cfg.model`` (+ ``adapter``), ``limit`` items each."""
+             scorer: Scorer | None = None, sides: tuple[str, ...] = SIDES) -> dict[str, Any]:
+    """Forget and utility metrics of ``cfg.task`` for ``cfg.model`` (+ ``adapter``), ``limit`` items each.
+
+    ``sides`` picks a part (e.g. only "utility"); the sides left out are absent from the result.
+    """
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
     task = get_task(cfg.task)
     model_dir = str(resolve_model(cfg.model.name_or_path, cfg.model.cache_dir, cfg.run.s3_endpoint_url))
     scorer = scorer or Scorer.from_spec(model_dir, scorer_spec(cfg))
     t0 = time.perf_counter()
-    forget, utility = steering_scores(task, cfg.task, scorer, adapter, limit)
+    scores = {side: steering_score(task, cfg.task, scorer, side, adapter, limit) for side in sides}
     t2 = time.perf_counter()
     return {"task": cfg.task.name, "model": cfg.model.name_or_path, "model_dir": model_dir,
-            "adapter": adapter, "limit": limit, "forget": forget, "utility": utility,
-            "wall_s": round(t2 - t0, 2)}
+            "adapter": adapter, "limit": limit, **scores, "wall_s": round(t2 - t0, 2)}
 
 
 def metrics_table(result: dict[str, Any]) -> Table:

@@ -86,26 +86,34 @@ EXACT_METRICS: dict[str, dict[str, str]] = {
 }
 
 
-def steering_scores(task: Task, cfg: TaskConfig, scorer: Scorer, adapter: str | None = None,
-                    limit: int | None = None, full: bool = True,
-                    part: Part = "test") -> tuple[dict[str, Any], dict[str, Any]]:
-    """The forget and utility results with ``s`` / ``u`` set to the metric the config steers on.
+SIDES = ("forget", "utility")
+
+
+def steering_score(task: Task, cfg: TaskConfig, scorer: Scorer, side: str, adapter: str | None = None,
+                   limit: int | None = None, full: bool = True, part: Part = "test") -> dict[str, Any]:
+    """One side's result (``side``: forget or utility) with ``s`` / ``u`` set to the metric the config steers on.
 
     ``task.forget_metric`` / ``task.utility_metric``: ``proxy`` keeps the task's continuous score (a likelihood),
     ``exact`` puts the task's own metric (e.g. pass@1, GSM8K accuracy) in ``s`` / ``u`` and keeps the proxy as
     ``s_proxy`` / ``u_proxy``, so a full result always shows both.
     """
-    exact = EXACT_METRICS.get(cfg.name, {})
-    results = []
-    for side, key, metric, score in (("forget", "s", cfg.forget_metric, task.forget_score),
-                                     ("utility", "u", cfg.utility_metric, task.utility_score)):
-        use_exact = metric == "exact"
-        out = dict(score(scorer, adapter, limit, full=full or use_exact, part=part))
-        if use_exact:
-            out[f"{key}_proxy"], out[key] = out[key], float(out[exact[side]])
-        out[f"{key}_metric"] = exact[side] if use_exact else "proxy"
-        results.append(out)
-    return results[0], results[1]
+    key, metric, score = (("s", cfg.forget_metric, task.forget_score) if side == "forget"
+                          else ("u", cfg.utility_metric, task.utility_score))
+    use_exact = metric == "exact"
+    out = dict(score(scorer, adapter, limit, full=full or use_exact, part=part))
+    if use_exact:
+        exact = EXACT_METRICS[cfg.name][side]
+        out[f"{key}_proxy"], out[key] = out[key], float(out[exact])
+    out[f"{key}_metric"] = EXACT_METRICS[cfg.name][side] if use_exact else "proxy"
+    return out
+
+
+def steering_scores(task: Task, cfg: TaskConfig, scorer: Scorer, adapter: str | None = None,
+                    limit: int | None = None, full: bool = True,
+                    part: Part = "test") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The forget and utility results of :func:`steering_score`."""
+    forget, utility = (steering_score(task, cfg, scorer, side, adapter, limit, full, part) for side in SIDES)
+    return forget, utility
 
 
 def get_task(cfg: TaskConfig) -> Task:
