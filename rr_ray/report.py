@@ -1,7 +1,8 @@
 """``rr-ray report RUN``: one markdown file (report/report.md + its PNGs) that summarises a run on its own.
 
 Sections follow the paper's presentation: base vs unlearned model on the task's metrics (Tables 2-4), the
-Release steps of equation 1 (Tables 7-9), the best Reveal instructions per outer iteration (Appendix A.1),
+Release steps of equation 1 (Tables 7-9), how far apart the retain and forget PEMs live (section 4.1, Table 1),
+the best Reveal instructions per outer iteration (Appendix A.1),
 the forget set's size, diversity (Vendi) and relevance, and the wall time of every stage. A stage that has
 not run is reported as such, never guessed. The report only reads the run, so it is rewritten every time.
 """
@@ -9,8 +10,10 @@ not run is reported as such, never guessed. The report only reads the run, so it
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from rr_ray.config import RRConfig
@@ -127,6 +130,41 @@ def release_section(run: RunDir) -> str:
             + "\nTraining and coefficient sweep per step:\n\n" + "\n".join(lines) + "\n")
 
 
+SUBSPACE_K = 8  # Table 1's top-k
+
+
+def subspace_section(run: RunDir) -> str:
+    """Table 1 for this run: each retain PEM against each forget PEM, over the target modules of all layers."""
+    from rr_ray.release.subspace import adapter_similarity
+
+    steps = _read_json(run, "release/steps.json") or []
+    trained = {kind: [r["step"] for r in steps if r.get("kind") == kind and run.exists(f"release/{r['step']}/adapter/"
+                                                                                      "adapter_config.json")]
+               for kind in ("retain", "forget")}
+    if not trained["retain"] or not trained["forget"]:
+        return ("## Retain vs forget subspaces (section 4.1)\n\nNeeds a trained retain and forget PEM; "
+                f"this run has {len(trained['retain'])} and {len(trained['forget'])}.\n")
+    lines = ["| retain PEM | forget PEM | modules | Sim mean | Sim std | normalised mean |", "|---|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory(prefix="rr-ray-report-") as tmp:
+        local: dict[str, Path] = {}
+        for step in trained["retain"] + trained["forget"]:
+            rel = f"release/{step}/adapter"
+            path = run.local_path(rel)
+            if path is None:  # an S3 run: fetch the small adapter files
+                path = Path(tmp) / step
+                run.download_dir(rel, path)
+            local[step] = path
+        for r in trained["retain"]:
+            for f in trained["forget"]:
+                rep = adapter_similarity(local[r], local[f], SUBSPACE_K)
+                (mean, std), (nmean, _) = rep.stats(), rep.stats(normalised=True)
+                lines.append(f"| {r} | {f} | {len(rep.modules)} | {mean:.4f} | {std:.4f} | {nmean:.4f} |")
+    return ("## Retain vs forget subspaces (section 4.1)\n\nSim = ||U_r^T U_f||_F / k of the top-k (k = "
+            f"{SUBSPACE_K}) left singular vectors of each module's update (paper Table 1; at most 1/sqrt(k) = "
+            f"{SUBSPACE_K ** -0.5:.3f}); normalised = ||U_r^T U_f||_F^2 / k, 0 for orthogonal and 1 for the same "
+            "subspace.\n\n" + "\n".join(lines) + "\n")
+
+
 def instructions_section(run: RunDir) -> str:
     """Appendix A.1 shape: the best instruction P* of each outer iteration."""
     best = _read_json(run, "reveal/best_instructions.json")
@@ -227,8 +265,9 @@ def write_report(run: RunDir, cfg: RRConfig) -> str:
     title = (f"# Reveal-and-Release report: {cfg.task.name} unlearning of {cfg.model.name_or_path}\n\n"
              f"Run `{run.uri}`, report written {now}."
              + (f" Exported model: `{export['export']}` (see its README.md)." if export else "") + "\n")
-    sections = [title, eval_section(base, final), release_section(run), instructions_section(run),
-                forget_section(run, cfg), timings_section(run)]
+    sections = [title, eval_section(base, final), release_section(run),
+                subspace_section(run), instructions_section(run), forget_section(run, cfg),
+                timings_section(run)]
     if figs:
         sections.append("## Figures\n\n" + "\n\n".join(f"![{cap}]({name})\n\n*{cap}.*"
                                                         for name, (cap, _) in figs.items()) + "\n")

@@ -81,6 +81,8 @@ def test_tiny_run_all_stages_survives_kill_9_and_resumes(tmp_path: Path) -> None
     assert (run_dir / "export/merged/config.json").exists() and (run_dir / "export/composed_lora").is_dir()
     report = (run_dir / "report/report.md").read_text()
     assert "base" in report.lower() and "mu_0" in report
+    # Table 1 for this run: the trained retain PEM against both forget PEMs (accepted or not)
+    assert "| lambda_1 | mu_0 |" in report and "| lambda_1 | mu_1 |" in report, report
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert set(summary["stages_s"]) == set(STAGES)
 

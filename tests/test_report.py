@@ -16,7 +16,8 @@ from tests.conftest_s3 import s3_server, s3_uri  # noqa: F401
 from tests.handmade_run import make_release_run
 
 SECTIONS = ("# Reveal-and-Release report: code unlearning of", "## Base vs unlearned model",
-            "## Release steps (equation 1)", "## Best instructions (Reveal)", "## Forget set", "## Timings",
+            "## Release steps (equation 1)", "## Retain vs forget subspaces (section 4.1)",
+            "## Best instructions (Reveal)", "## Forget set", "## Timings",
             "## Figures")
 
 
@@ -146,4 +147,6 @@ def test_report_of_an_s3_run(release_run: tuple[RunDir, object, Path], s3_server
     md = remote.read_text("report/report.md")
     assert local.read_text("release/steps.md").strip() in md and "| release | 42.5 |" in md
     assert md.index("release-mu_0-train | 10 |") < md.index("release-lambda_1-train | 20 |")
+    # Table 1 from the adapters fetched off S3: the modules both PEMs target (v_proj in each of the 2 layers)
+    assert re.search(r"\| lambda_1 \| mu_0 \| 2 \| 0\.\d{4} \| 0\.\d{4} \| 0\.\d{4} \|", md), md
     assert remote.read_bytes("report/release_steps.png")[:4] == b"\x89PNG" and remote.is_done("report")
