@@ -30,6 +30,16 @@ def _cmd_run(cfg: RRConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.compare import run_compare
+    from rr_ray.pipeline import console
+
+    summary = run_compare(cfg)
+    console.print(f"compare: table in [bold]{summary['table']}[/bold] ({summary['wall_s']:.1f} s)")
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def _cmd_config(cfg: RRConfig, args: argparse.Namespace) -> int:
     print(cfg.to_yaml(), end="")
     return 0
@@ -153,7 +163,7 @@ def _reveal_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=["code", "toxicity", "ner", "custom"], help="= --set task.name=T")
+    p.add_argument("--task", help="= --set task.name=T (code, toxicity, ner, custom or package.module:Class)")
     p.add_argument("--model", help="= --set model.name_or_path=M")
     p.add_argument("--adapter", help="PEFT LoRA dir (a composed edit log) applied to the model; none = base")
     p.add_argument("--edit-log", help="edit_log.json (a run's, or export/edit_log.json) composed onto the model")
@@ -162,6 +172,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[str, Callable[[RRConfig, argparse.Namespace], int]]] = {
     "run": ("reveal -> release -> evaluate -> export -> report into the run directory (resumable)", _cmd_run),
+    "compare": ("run compare.methods (ours, baselines) side by side on the same test halves -> compare/",
+                _cmd_compare),
     "config": ("print the resolved config (YAML + overrides + defaults) and exit", _cmd_config),
     "evaluate": ("score a model (+ adapter) on a task's forget and utility metrics -> eval/<task>.json",
                  _cmd_evaluate),

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rr_ray.plugins import METHODS, TASKS, check_name, is_spec
+
 PACKAGED_MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")  # = models.packaged.PACKAGED
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -116,7 +118,8 @@ class CustomTargetConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Literal["code", "toxicity", "ner", "custom"] = Field("code", description="Unlearning target.")
+    name: str = Field("code", description="Unlearning target: code, toxicity, ner, custom, or a task plugin "
+                                          "of your own as 'package.module:Class'.")
     num_contexts: int = Field(16, ge=1, description="Reveal contexts C drawn from the task's prompts.")
     eval_max_new_tokens: int = Field(256, ge=1, description="Greedy budget for code/math/NER/custom scoring.")
     scoring_batch_size: int = Field(16, ge=1, description="Rows per forward pass when scoring (hf).")
@@ -274,6 +277,25 @@ class EvaluateConfig(_Section):
     limit: int | None = Field(None, ge=1, description="Items per metric (None = the task's whole eval sets).")
 
 
+class CompareConfig(_Section):
+    """``rr-ray compare``: unlearning methods side by side on the same held-out sets (paper Tables 2-4)."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: ["reveal_release", "pem_external"], min_length=1,
+        description="Built-in methods (reveal_release, pem_external) or your own as 'package.module:Class'.")
+    external_rows: int = Field(
+        64, ge=1, description="Rows of the task's external forget data (never evaluation items) for pem_external.")
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        for name in methods:
+            check_name("method", METHODS, name)
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"compare.methods lists a method twice: {methods}")
+        return methods
+
+
 class SandboxConfig(_Section):
     """Where model-written code (the code task's tests) may run; see README "Sandbox for model-written code"."""
 
@@ -309,6 +331,7 @@ class RRConfig(_Section):
     reveal: RevealConfig = Field(default_factory=RevealConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -328,6 +351,9 @@ class RRConfig(_Section):
 
     @model_validator(mode="after")
     def _task_options_exist(self) -> RRConfig:
+        check_name("task", TASKS, self.task.name)
+        if is_spec(self.task.name):
+            return self  # a user's plugin checks its own options when it is built
         exact = {"code", "ner"}  # = tasks.base.EXACT_METRICS
         for key in ("forget_metric", "utility_metric"):
             if getattr(self.task, key) == "exact" and self.task.name not in exact:

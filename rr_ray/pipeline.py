@@ -98,26 +98,20 @@ def _evaluate_one(cfg_yaml: str, adapter_uri: str | None, side: str) -> dict[str
     return result | {"adapter": adapter_uri}
 
 
-def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
-    """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json.
+def evaluate_models(cfg: RRConfig, run: RunDir, models: dict[str, str | None],
+                    prefix: str = "eval") -> dict[str, dict[str, Any]]:
+    """Full metrics of each named model (base + adapter URI, None = base) into ``<prefix>/<name>.json``.
 
-    The four parts (base and final, forget and utility side) run as parallel Ray tasks where the cluster has
-    room, and each is written as it finishes (eval/<model>.<side>.json), so a stopped run redoes at most the
-    parts in flight.
+    Every part (model x forget/utility side) is its own Ray task, so they run in parallel where the cluster
+    has room, and each is written as it finishes (``<prefix>/<name>.<side>.json``): a stopped run redoes at
+    most the parts in flight.
     """
-    if (info := _skipped(run, "evaluate")) is not None:
-        return info
-    cluster.connect(cfg.ray)
-    console.rule("[bold]evaluate[/]: base vs unlearned model")
-    t0 = time.perf_counter()
-    final = run.done_info("release")["composed_adapter"]
     resources = {"num_cpus": cfg.generation.cpus_per_actor, "num_gpus": cfg.generation.gpus_per_actor}
     task = ray.remote(**resources)(_evaluate_one)
-    models = {"base": None, "final": final}
-    parts = {(name, side): f"eval/{name}.{side}.json" for name in models for side in SIDES}
+    parts = {(name, side): f"{prefix}/{name}.{side}.json" for name in models for side in SIDES}
     pending = {}
     for (name, side), rel in parts.items():
-        if not run.exists(f"eval/{name}.json") and not run.exists(rel):
+        if not run.exists(f"{prefix}/{name}.json") and not run.exists(rel):
             console.print(f"evaluate: {name} model, {side} side ({cfg.task.name}, limit {cfg.evaluate.limit or 'all'})")
             pending[task.remote(cfg.to_yaml(), models[name], side)] = rel
     while pending:
@@ -125,12 +119,23 @@ def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
         run.write_json(pending.pop(ref), ray.get(ref))
     results = {}
     for name in models:
-        if not run.exists(f"eval/{name}.json"):
+        if not run.exists(f"{prefix}/{name}.json"):
             halves = [run.read_json(parts[(name, side)]) for side in SIDES]
             merged = {**halves[0], **{side: h[side] for side, h in zip(SIDES, halves)},
                       "wall_s": round(sum(h["wall_s"] for h in halves), 2)}
-            run.write_json(f"eval/{name}.json", merged)
-        results[name] = run.read_json(f"eval/{name}.json")
+            run.write_json(f"{prefix}/{name}.json", merged)
+        results[name] = run.read_json(f"{prefix}/{name}.json")
+    return results
+
+
+def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
+    """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json."""
+    if (info := _skipped(run, "evaluate")) is not None:
+        return info
+    cluster.connect(cfg.ray)
+    console.rule("[bold]evaluate[/]: base vs unlearned model")
+    t0 = time.perf_counter()
+    results = evaluate_models(cfg, run, {"base": None, "final": run.done_info("release")["composed_adapter"]})
     from rr_ray.evaluation.evaluate import comparison_table
 
     console.print(comparison_table(results["base"], results["final"]))

@@ -86,7 +86,15 @@ class GeneratorPool:
     def __init__(self, cfg: GenerationConfig, model_dir: str | Path, seed: int = 0,
                  model_ref: str | None = None) -> None:
         """``model_ref`` (the config's model.name_or_path) lets actors on other nodes resolve the model."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.cfg = cfg
+        # All actors' resources are reserved at once (a placement group), so two pools started side by side
+        # (rr-ray compare runs methods in parallel) never each hold part of what they need and wait forever.
+        bundle = {"CPU": cfg.cpus_per_actor} | ({"GPU": cfg.gpus_per_actor} if cfg.gpus_per_actor else {})
+        self.placement = placement_group([bundle] * cfg.num_actors, strategy="PACK")
+        ray.get(self.placement.ready())
         actor_cls = ray.remote(
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
@@ -94,7 +102,9 @@ class GeneratorPool:
             max_task_retries=cfg.max_task_retries,
         )(GeneratorWorker)
         kwargs = backend_kwargs(cfg, model_dir, seed)
-        self.actors = [actor_cls.remote(cfg.backend, kwargs, model_ref) for _ in range(cfg.num_actors)]
+        self.actors = [actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.placement, placement_group_bundle_index=i)).remote(cfg.backend, kwargs, model_ref)
+            for i in range(cfg.num_actors)]
         ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-run, if a backend cannot load
 
     def actor_pids(self) -> list[int]:
@@ -160,6 +170,11 @@ class GeneratorPool:
         return [results[i] for i in range(n)]
 
     def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+            self.placement = None

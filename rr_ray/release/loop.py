@@ -317,20 +317,25 @@ def self_retain_rows(cfg: RRConfig, run: RunDir, task: Any, n: int, console: Con
     return rows[:n]
 
 
-def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None) -> dict[str, Any]:
+def run_release(cfg: RRConfig, run: RunDir, console: Console | None = None,
+                forget_rows: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The steps of equation 1 (skipping finished ones) until ``iterations`` or a stop condition; Ray must be
-    initialised. Returns a summary."""
+    initialised. ``forget_rows``: the forget set, when not the config's (a baseline's external data). Returns a
+    summary."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     task = get_task(cfg.task)
-    forget_rows = load_forget_rows(cfg, run)
-    if cfg.release.retain_source == "self":
-        retain_rows = self_retain_rows(cfg, run, task, cfg.release.retain_rows, console)
-        console.print(f"release: {len(retain_rows)} self-generated retain rows (answers the oracle marks correct)")
-    else:
-        retain_rows = task.retain_data(cfg.release.retain_rows)
-    if not retain_rows:
-        raise ValueError(f"task {cfg.task.name}: no retain data for the retain PEMs")
+    forget_rows = forget_rows if forget_rows is not None else load_forget_rows(cfg, run)
+    retain_rows: list[dict[str, str]] = []
+    if cfg.release.iterations > 0:  # mu_0 alone needs no retain data
+        if cfg.release.retain_source == "self":
+            retain_rows = self_retain_rows(cfg, run, task, cfg.release.retain_rows, console)
+            console.print(f"release: {len(retain_rows)} self-generated retain rows (answers the oracle marks "
+                          "correct)")
+        else:
+            retain_rows = task.retain_data(cfg.release.retain_rows)
+        if not retain_rows:
+            raise ValueError(f"task {cfg.task.name}: no retain data for the retain PEMs")
     log, history, stopped = EditLog(cfg.model.name_or_path), [], None
     for index, (step, kind) in enumerate(plan(cfg.release.iterations), start=1):
         if run.is_done(f"release-{step}"):

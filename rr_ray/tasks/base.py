@@ -100,11 +100,14 @@ def steering_score(task: Task, cfg: TaskConfig, scorer: Scorer, side: str, adapt
     key, metric, score = (("s", cfg.forget_metric, task.forget_score) if side == "forget"
                           else ("u", cfg.utility_metric, task.utility_score))
     use_exact = metric == "exact"
+    # A plugin task (package.module:Class) names its own exact metrics in an ``exact_metrics`` attribute.
+    exact = (EXACT_METRICS.get(cfg.name) or getattr(task, "exact_metrics", None) or {}).get(side)
+    if use_exact and exact is None:
+        raise ValueError(f"task.{side}_metric=exact: task {cfg.name!r} names no exact {side} metric")
     out = dict(score(scorer, adapter, limit, full=full or use_exact, part=part))
     if use_exact:
-        exact = EXACT_METRICS[cfg.name][side]
         out[f"{key}_proxy"], out[key] = out[key], float(out[exact])
-    out[f"{key}_metric"] = EXACT_METRICS[cfg.name][side] if use_exact else "proxy"
+    out[f"{key}_metric"] = exact if use_exact else "proxy"
     return out
 
 
@@ -117,21 +120,10 @@ def steering_scores(task: Task, cfg: TaskConfig, scorer: Scorer, adapter: str | 
 
 
 def get_task(cfg: TaskConfig) -> Task:
-    """The task plugin named by ``cfg.name``; heavy task modules are imported only when chosen."""
-    if cfg.name == "code":
-        from rr_ray.tasks.code import CodeTask
+    """The task plugin ``cfg.name`` names (a built-in or ``package.module:Class``), built from ``cfg``.
 
-        return CodeTask(cfg)
-    if cfg.name == "toxicity":
-        from rr_ray.tasks.toxicity import ToxicityTask
+    Heavy task modules are imported only when chosen.
+    """
+    from rr_ray.plugins import TASKS, load
 
-        return ToxicityTask(cfg)
-    if cfg.name == "ner":
-        from rr_ray.tasks.ner import NerTask
-
-        return NerTask(cfg)
-    if cfg.name == "custom":
-        from rr_ray.tasks.custom import CustomTask
-
-        return CustomTask(cfg)
-    raise NotImplementedError(f"task {cfg.name!r} has no plugin")
+    return load("task", TASKS, cfg.name)(cfg)

@@ -1,0 +1,157 @@
+"""``rr-ray compare CONFIG``: unlearning methods side by side on the same held-out sets (paper Tables 2-4).
+
+Each method in ``compare.methods`` runs in its own run directory, ``<run.dir>/methods/<name>/`` (resumable
+there, as ``rr-ray run`` is), inside its own Ray task, so independent methods run in parallel where the cluster
+has room. Then the base model and every method's edit are evaluated on the task's test halves (the items no
+method chose a weight on; evaluation parts in parallel too), and ``compare/`` gets the table (markdown and
+JSON), a forget-vs-utility scatter (PNG) and each method's wall time.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from typing import Any
+
+import ray
+from rich.table import Table
+
+from rr_ray import cluster
+from rr_ray.config import RRConfig, config_from_text
+from rr_ray.pipeline import console, evaluate_models, open_run
+from rr_ray.storage import RunDir
+
+OUT = "compare"
+
+
+def method_dir(root: RunDir, name: str) -> str:
+    """``<root>/methods/<name>``, the name made path-safe (a plugin's 'package.module:Class' has a colon)."""
+    safe = re.sub(r"[^\w.-]", "_", name)
+    return f"{root.uri.rstrip('/')}/methods/{safe}"
+
+
+def method_config(cfg: RRConfig, root: RunDir, name: str) -> RRConfig:
+    """The config a method runs with: the compare config, in the method's own run directory."""
+    return config_from_text(cfg.to_yaml(), "compare", [f"run.dir={method_dir(root, name)}"])
+
+
+def _run_method(cfg_yaml: str, name: str) -> dict[str, Any]:
+    """Ray task: one method in its run directory; returns its adapter URI, info and wall time."""
+    from rr_ray.methods.base import get_method
+
+    cfg = config_from_text(cfg_yaml, f"compare ({name})")
+    started = time.time()
+    run = open_run(cfg)
+    result = get_method(name).run(cfg, run)
+    finished = time.time()
+    return {"method": name, "adapter": result.adapter, "info": result.info, "run_dir": run.uri,
+            "seconds": round(finished - started, 1), "started": started, "finished": finished}
+
+
+def _row(name: str, result: dict[str, Any], base: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    f, u = result["forget"], result["utility"]
+    row = {"method": name, "s": f["s"], "u": u["u"], "s_metric": f.get("s_metric", "proxy"),
+           "u_metric": u.get("u_metric", "proxy"), "s_proxy": f.get("s_proxy", f["s"]),
+           "u_proxy": u.get("u_proxy", u["u"]), "seconds": seconds,
+           "forget_items": next((v for k, v in f.items() if k.endswith(("_problems", "_items"))), None),
+           "utility_items": next((v for k, v in u.items() if k.endswith(("_problems", "_items"))), None)}
+    s0, u0 = base["forget"]["s"], base["utility"]["u"]
+    row["forget_drop"] = 1 - row["s"] / s0 if s0 else None
+    row["utility_kept"] = row["u"] / u0 if u0 else None
+    return row
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f} %"
+
+
+def _secs(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    s_metric, u_metric = rows[0]["s_metric"], rows[0]["u_metric"]
+    head = (f"| method | forget: {s_metric} | forget drop | utility: {u_metric} | utility kept | s proxy | u proxy "
+            "| wall s |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['s']:.4g} | {_pct(r['forget_drop'])} | {r['u']:.4g} | "
+                     f"{_pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
+                     f"{_secs(r['seconds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_rich(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("method", f"forget {rows[0]['s_metric']}", "drop", f"utility {rows[0]['u_metric']}", "kept",
+                "s proxy", "u proxy", "wall s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['s']:.4g}", _pct(r["forget_drop"]), f"{r['u']:.4g}", _pct(r["utility_kept"]),
+                      f"{r['s_proxy']:.4g}", f"{r['u_proxy']:.4g}", _secs(r["seconds"]))
+    return table
+
+
+def scatter_png(rows: list[dict[str, Any]], title: str) -> bytes:
+    """Forget score (lower is better) against utility (higher is better), one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    for r in rows:
+        base = r["method"] == "base"
+        ax.scatter(r["s"], r["u"], s=60, marker="s" if base else "o", color="tab:gray" if base else None,
+                   label=r["method"], zorder=3)
+        ax.annotate(r["method"], (r["s"], r["u"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"forget: {rows[0]['s_metric']} (lower = more forgotten)")
+    ax.set_ylabel(f"utility: {rows[0]['u_metric']} (higher = kept)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_compare(cfg: RRConfig) -> dict[str, Any]:
+    """Run every method of ``cfg.compare.methods`` (in parallel Ray tasks), evaluate them and the base on the
+    test halves, and write ``compare/``. Finished methods and evaluation parts are skipped on a rerun."""
+    t0 = time.perf_counter()
+    root = open_run(cfg)
+    address = cluster.connect(cfg.ray)
+    # num_cpus=0: the task only drives its method; the actors, trainers and trials it starts ask for resources.
+    runner = ray.remote(num_cpus=0, max_retries=0)(_run_method)
+    done: dict[str, dict[str, Any]] = {}
+    pending = {}
+    for name in cfg.compare.methods:
+        if (info := root.done_info(f"compare-{name}")) is not None:
+            console.print(f"compare: {name} already done, skipped")
+            done[name] = info
+        else:
+            console.print(f"compare: running {name} in {method_dir(root, name)}")
+            pending[runner.remote(method_config(cfg, root, name).to_yaml(), name)] = name
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ref)
+        done[name] = ray.get(ref)
+        root.mark_done(f"compare-{name}", done[name])
+        console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
+    console.rule("[bold]compare[/]: every method and the base on the same test halves")
+    models = {"base": None, **{name: done[name]["adapter"] for name in cfg.compare.methods}}
+    results = evaluate_models(cfg, root, models, prefix=f"{OUT}/eval")
+    rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"])
+            for name in models]
+    title = f"{cfg.task.name}: {cfg.model.name_or_path}, test halves"
+    table = table_markdown(rows)
+    root.write_text(f"{OUT}/table.md", f"# Methods compared: {title}\n\n{table}")
+    root.write_json(f"{OUT}/table.json", {"rows": rows, "methods": done})
+    root.write_bytes(f"{OUT}/scatter.png", scatter_png(rows, title))
+    console.print(table_rich(rows, title))
+    summary = {"run_dir": root.uri, "ray": address, "rows": rows, "table": f"{root.uri.rstrip('/')}/{OUT}/table.md",
+               "wall_s": round(time.perf_counter() - t0, 1)}
+    root.mark_done(OUT, {k: v for k, v in summary.items() if k != "rows"})
+    return summary

@@ -1,0 +1,35 @@
+"""What an unlearning method is to ``rr-ray compare``: one class that turns a config into a LoRA edit.
+
+A method runs in its own run directory (resumable there), inside a Ray task that may start actors, Ray Train
+and Tune like a driver does. It returns the composed adapter to evaluate (None: it leaves the model as it is)
+and what it measured on the validation halves while choosing its weights; ``rr-ray compare`` then evaluates
+every method's adapter and the base model on the same test halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from rr_ray.config import RRConfig
+from rr_ray.storage import RunDir
+
+
+@dataclass
+class MethodResult:
+    adapter: str | None  # URI of the composed LoRA (in the method's run directory), None = no edit
+    info: dict[str, Any] = field(default_factory=dict)  # JSON-able: weights chosen, validation s/u, data sizes
+
+
+@runtime_checkable
+class Method(Protocol):
+    name: str
+
+    def run(self, cfg: RRConfig, run: RunDir) -> MethodResult: ...
+
+
+def get_method(name: str) -> Method:
+    """The method plugin ``name`` (a built-in or ``package.module:Class``), instantiated."""
+    from rr_ray.plugins import METHODS, load
+
+    return load("method", METHODS, name)()

@@ -1,0 +1,112 @@
+"""``rr-ray compare`` on the tiny random model: a built-in baseline (pem_external) and a user's own method,
+loaded by 'module:Class' from outside rr-ray, run in parallel Ray tasks and evaluated with the base on the
+same test halves; a rerun skips the finished methods."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_METHOD = '''
+import time
+from pathlib import Path
+
+from rr_ray.methods.base import MethodResult
+
+
+class LeaveAsIs:
+    """A user's method: no edit at all (the table must show it equal to the base). It waits to see the other
+    method's run directory appear, which only happens if the two run at the same time."""
+
+    name = "leave_as_is"
+
+    def run(self, cfg, run):
+        sibling = Path(run.uri).parent / "pem_external" / "run.yaml"
+        deadline = time.time() + 300
+        while not sibling.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        run.write_json("user/ran.json", {"task": cfg.task.name, "saw_pem_external_running": sibling.exists()})
+        return MethodResult(None, {"note": "no edit"})
+'''
+
+
+def _config(tmp_path: Path, model_dir: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    cfg["run"]["dir"] = str(tmp_path / "cmp")
+    cfg["model"] = {"name_or_path": str(model_dir)}
+    cfg["generation"].update(num_actors=1, dtype="float32")
+    cfg["release"].update(iterations=0, forget_weights=[4.0])
+    cfg["compare"] = {"methods": ["pem_external", "user_methods:LeaveAsIs"], "external_rows": 4}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _compare(cfg: Path, plugin_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(plugin_dir), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run([sys.executable, "-m", "rr_ray", "compare", str(cfg)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env=env, check=False)
+
+
+def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, tiny_model_dir: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "user_methods.py").write_text(USER_METHOD)
+    cfg = _config(tmp_path, tiny_model_dir)
+    first = _compare(cfg, plugins)
+    assert first.returncode == 0, first.stderr[-4000:]
+    root = tmp_path / "cmp"
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "user_methods:LeaveAsIs"]
+    rows = {r["method"]: r for r in summary["rows"]}
+
+    # pem_external: one forget PEM on the task's external rows (pool problems, never evaluation items)
+    ext = [json.loads(line) for line in (root / "methods/pem_external/external/forget.jsonl").read_text().splitlines()]
+    assert len(ext) == 4 and all(r["prompt"] and r["response"] for r in ext)
+    steps = json.loads((root / "methods/pem_external/release/steps.json").read_text())
+    assert [s["step"] for s in steps] == ["base", "mu_0"]
+    # the user's method ran in its own run directory and, making no edit, scores exactly as the base
+    ran = json.loads((root / "methods/user_methods_LeaveAsIs/user/ran.json").read_text())
+    assert ran == {"task": "code", "saw_pem_external_running": True}  # the methods ran side by side
+    user, base = rows["user_methods:LeaveAsIs"], rows["base"]
+    assert (user["s"], user["u"]) == (base["s"], base["u"])
+    # every row was measured on the same test-half items
+    assert len({(r["forget_items"], r["utility_items"]) for r in summary["rows"]}) == 1
+    methods = json.loads((root / "compare/table.json").read_text())["methods"]
+    assert set(methods) == {"pem_external", "user_methods:LeaveAsIs"} and methods["pem_external"]["seconds"] > 0
+    assert (root / "compare/scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (root / "compare/table.md").read_text()
+    assert "| pem_external |" in md and "| base |" in md
+
+    again = _compare(cfg, plugins)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "compare: pem_external already done, skipped" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == summary["rows"]
+
+
+def test_unknown_method_is_refused_at_load(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = _config(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(cfg.read_text())
+    data["compare"]["methods"] = ["pem_external", "no such method"]
+    cfg.write_text(yaml.safe_dump(data))
+    res = _compare(cfg, tmp_path)
+    assert res.returncode == 2 and "unknown method 'no such method'" in res.stderr
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("name", ["rr_ray.nothing_here:Task", "rr_ray.plugins:NoSuchTask"])
+def test_a_task_plugin_that_does_not_import_fails_in_one_line(name: str) -> None:
+    from rr_ray.config import TaskConfig
+    from rr_ray.tasks.base import get_task
+
+    with pytest.raises(ValueError, match="task 'rr_ray"):
+        get_task(TaskConfig(name=name))
