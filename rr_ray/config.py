@@ -146,6 +146,11 @@ class TaskConfig(_Section):
         "profanity-check", description="'profanity-check' or a transformers text-classifier path/id.")
     custom: CustomTargetConfig = Field(default_factory=CustomTargetConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        return check_name("task", TASKS, name)
+
 
 class RevealConfig(_Section):
     """Algorithm 1 of the paper (section 3.1)."""
@@ -351,7 +356,6 @@ class RRConfig(_Section):
 
     @model_validator(mode="after")
     def _task_options_exist(self) -> RRConfig:
-        check_name("task", TASKS, self.task.name)
         if is_spec(self.task.name):
             return self  # a user's plugin checks its own options when it is built
         exact = {"code", "ner"}  # = tasks.base.EXACT_METRICS

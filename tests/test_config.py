@@ -42,7 +42,7 @@ def test_override_wins_over_file(tmp_path: Path) -> None:
         ("run:\n  dri: x\n", [], "run.dri: unknown key"),
         ("", ["foo=1"], "foo: unknown key"),
         ("generation:\n  batch_size: many\n", [], "generation.batch_size: Input should be a valid integer"),
-        ("task:\n  name: poetry\n", [], "task.name: Input should be"),
+        ("task:\n  name: poetry\n", [], "task.name: unknown task 'poetry'"),
         ("model:\n  name_or_path: no-such-model\n", [], "model.name_or_path: unknown model 'no-such-model'"),
         ("run: [1, 2\n", [], "malformed YAML at line 2"),
         ("- a\n- b\n", [], "top level must be a mapping"),
