@@ -71,11 +71,31 @@ def test_novelty_still_discriminates_when_the_kept_set_is_large(q: float) -> Non
     novel[0, 50], novel[1, 60] = 1.0, 1.0  # orthogonal to D and to each other: the most any batch can add
     old = [acc.score_with(b) / (acc.n + 2) for b in (duplicate, novel)]
     assert abs(old[1] - old[0]) < 0.02
-    assert acc.novelty(duplicate) < 0.1
+    assert acc.novelty(duplicate) < 0.5  # between the most concentrating batch (0) and the most novel (1)
     assert acc.novelty(novel) == pytest.approx(1.0, abs=1e-9)
     half = np.vstack([kept[:1], novel[:1]])  # one old item, one new one
     assert acc.novelty(duplicate) < acc.novelty(half) < acc.novelty(novel)
     assert acc.n == 100
     empty = VendiAccumulator(dim, q)
     assert empty.novelty(novel) == pytest.approx(1.0)
-    assert empty.novelty(duplicate[:1].repeat(2, 0)) == pytest.approx(0.5)
+    assert empty.novelty(duplicate[:1].repeat(2, 0)) == pytest.approx(0.0)  # two identical items: the least
+
+
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_novelty_ranks_batches_that_all_lower_the_vendi_score(q: float) -> None:
+    """Once D is spread out, on-topic batches lower Vendi(D U Y); a clipped gain scored them all 0."""
+    rng = np.random.default_rng(0)
+    dim = 32
+    a, b = np.eye(dim)[0], np.eye(dim)[1]
+
+    def near(v: np.ndarray, k: int) -> np.ndarray:
+        return v + 0.15 * rng.normal(size=(k, dim))
+
+    acc = VendiAccumulator(dim, q)
+    acc.add(np.vstack([near(a, 60), near(b, 20), rng.normal(size=(20, dim))]))  # D: mostly A, some B, some noise
+    before = acc.score()
+    batches = {"copies of A": np.vstack([a, a]), "near A": near(a, 2), "near B": near(b, 2)}
+    gains = {k: acc.score_with(v) - before for k, v in batches.items()}
+    assert gains["copies of A"] < 0 and gains["near A"] < 0  # a clipped gain would say 0 for both
+    nov = {k: acc.novelty(v) for k, v in batches.items()}
+    assert nov["copies of A"] < 0.05 < nov["near A"] < nov["near B"] < 1.0

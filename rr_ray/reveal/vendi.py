@@ -62,25 +62,30 @@ class VendiAccumulator:
         return hill_number(np.linalg.eigvalsh((self.gram + y.T @ y) / (self.n + len(y))), self.q)
 
     def novelty(self, batch: np.ndarray) -> float:
-        """How much ``batch`` adds to the kept set's diversity, in [0, 1]: the Vendi gain of D U Y over D,
-        divided by the gain of b items orthogonal to D and to each other (the most any batch of b can add).
+        """Where ``batch``'s Vendi gain over D falls between the least and the most any b items can add, in [0, 1].
 
-        Vendi(D U Y) / (n + b) flattens as n grows (at n = 100 a duplicate batch and a novel one differ by
-        ~0.01); the gain does not (0 for duplicates, ~1 for novel items, at any n). An empty D counts as Vendi 0,
-        so the first batch gets Vendi(Y) / b.
+        gain = Vendi(D U Y) - Vendi(D). The most: b items orthogonal to D and to each other. The least: b copies
+        of D's dominant direction (its top eigenvector), which concentrates the spectrum most. The gain is
+        negative whenever Y lies near D's bulk (on-topic responses once D is spread out: clipping it at 0 left
+        every candidate of a run's later steps at diversity 0), and Vendi(D U Y) / (n + b) flattens as n grows
+        (at n = 100 a duplicate and a novel batch differ by ~0.01); this range does neither. An empty D counts
+        as Vendi 0 with least gain 1 (b identical items), so the first batch gets (Vendi(Y) - 1) / (b - 1).
         """
         y = _unit_rows(batch)
         b = len(y)
         if b == 0:
             raise ValueError("novelty of an empty batch is undefined")
-        before = self.score() if self.n else 0.0
-        gain = self.score_with(y) - before
         if self.n:
-            kept = np.linalg.eigvalsh(self.gram / (self.n + b))  # D's spectrum, diluted by b new items
-            best = hill_number(np.concatenate([kept, np.full(b, 1.0 / (self.n + b))]), self.q) - before
+            before = self.score()
+            eig = np.linalg.eigvalsh(self.gram)  # ascending; sums to n (unit rows)
+            best = hill_number(np.concatenate([eig, np.ones(b)]) / (self.n + b), self.q)
+            worst_eig = eig.copy()
+            worst_eig[-1] += b
+            worst = hill_number(worst_eig / (self.n + b), self.q)
+            lo, hi, got = worst - before, best - before, self.score_with(y) - before
         else:
-            best = float(b)
-        return float(np.clip(gain / best, 0.0, 1.0)) if best > 0 else 0.0
+            lo, hi, got = 1.0, float(b), self.score_with(y)
+        return float(np.clip((got - lo) / (hi - lo), 0.0, 1.0)) if hi > lo else 0.0
 
     def add(self, batch: np.ndarray) -> None:
         """Keep ``batch``: S += Y^T Y, n += b."""
