@@ -129,11 +129,11 @@ def _progress(enabled: bool) -> Any:
         TextColumn,
         TimeElapsedColumn,
     )
+    from rich.console import Console
 
-    from rr_ray.pipeline import console
-
+    # Its own stderr console: the driver (rr_ray.pipeline) sits above this module and is not imported here.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled)
+                    console=Console(stderr=True), disable=not enabled)
 
 
 def _direct(cfg: RRConfig, run: RunDir, scorer: CandidateScorer, contexts: list[str]) -> dict[str, Any]:
