@@ -20,6 +20,7 @@ TASKS = {
 METHODS = {
     "reveal_release": "rr_ray.methods.reveal_release:RevealRelease",
     "pem_external": "rr_ray.methods.pem_external:PemExternal",
+    "ext_sub": "rr_ray.methods.ext_sub:ExtSub",
 }
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

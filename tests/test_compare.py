@@ -1,4 +1,4 @@
-"""``rr-ray compare`` on the tiny random model: a built-in baseline (pem_external) and a user's own method,
+"""``rr-ray compare`` on the tiny random model: the built-in baselines (pem_external, ext_sub) and a user's method,
 loaded by 'module:Class' from outside rr-ray, run in parallel Ray tasks and evaluated with the base on the
 same test halves; a rerun skips the finished methods."""
 
@@ -44,7 +44,7 @@ def _config(tmp_path: Path, model_dir: Path) -> Path:
     cfg["model"] = {"name_or_path": str(model_dir)}
     cfg["generation"].update(num_actors=1, dtype="float32")
     cfg["release"].update(iterations=0, forget_weights=[4.0])
-    cfg["compare"] = {"methods": ["pem_external", "user_methods:LeaveAsIs"], "external_rows": 4}
+    cfg["compare"] = {"methods": ["pem_external", "ext_sub", "user_methods:LeaveAsIs"], "external_rows": 4}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -66,7 +66,7 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert first.returncode == 0, first.stderr[-4000:]
     root = tmp_path / "cmp"
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "user_methods:LeaveAsIs"]
+    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "ext_sub", "user_methods:LeaveAsIs"]
     rows = {r["method"]: r for r in summary["rows"]}
 
     # pem_external: one forget PEM on the task's external rows (pool problems, never evaluation items)
@@ -74,6 +74,14 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert len(ext) == 4 and all(r["prompt"] and r["response"] for r in ext)
     steps = json.loads((root / "methods/pem_external/release/steps.json").read_text())
     assert [s["step"] for s in steps] == ["base", "mu_0"]
+    # ext_sub: expert (retain data) and anti-expert (the same external rows) PEMs, the deficiency swept as mu_0
+    ext_sub = root / "methods/ext_sub"
+    assert (ext_sub / "external/forget.jsonl").read_text() == (root / "methods/pem_external/external/forget.jsonl"
+                                                               ).read_text()
+    for step in ("expert", "anti_expert", "mu_0"):
+        assert (ext_sub / f"release/{step}/adapter/adapter_model.safetensors").is_file(), step
+    assert (ext_sub / "release/mu_0/adapter/ext_sub.json").is_file()
+    assert [s["step"] for s in json.loads((ext_sub / "release/steps.json").read_text())] == ["base", "mu_0"]
     # the user's method ran in its own run directory and, making no edit, scores exactly as the base
     ran = json.loads((root / "methods/user_methods_LeaveAsIs/user/ran.json").read_text())
     assert ran == {"task": "code", "saw_pem_external_running": True}  # the methods ran side by side
@@ -82,7 +90,8 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     # every row was measured on the same test-half items
     assert len({(r["forget_items"], r["utility_items"]) for r in summary["rows"]}) == 1
     methods = json.loads((root / "compare/table.json").read_text())["methods"]
-    assert set(methods) == {"pem_external", "user_methods:LeaveAsIs"} and methods["pem_external"]["seconds"] > 0
+    assert set(methods) == {"pem_external", "ext_sub", "user_methods:LeaveAsIs"}
+    assert methods["pem_external"]["seconds"] > 0
     assert (root / "compare/scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "compare/table.md").read_text()
     assert "| pem_external |" in md and "| base |" in md

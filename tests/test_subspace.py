@@ -69,3 +69,37 @@ def test_adapter_similarity_of_saved_loras(tiny_model_dir: Path, tmp_path: Path)
     assert 0.0 < mean < 0.9 and std >= 0.0  # independent random LoRAs: far from the same subspace
     with pytest.raises(ValueError, match="k must be"):
         adapter_similarity(dirs[0], dirs[1], k=0)
+
+
+def test_ext_sub_deficiency_is_orthogonal_to_the_expert_and_keeps_the_rest(tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rr_ray.release.pem import read_lora
+    from rr_ray.release.subspace import deficiency_lora
+
+    def lora(seed: int, targets: list[str], r: int) -> Path:
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"l{seed}")
+        return tmp_path / f"l{seed}"
+
+    # v_proj is 32 -> 16 here (2 key/value heads of 8 for 4 query heads): a non-square projection
+    anti, expert = lora(1, ["q_proj", "v_proj", "down_proj"], 4), lora(2, ["q_proj", "v_proj"], 3)
+    out = read_lora(deficiency_lora(anti, expert, tmp_path / "deficiency")).modules
+    before, exp = read_lora(anti).modules, read_lora(expert).modules
+    assert set(out) == set(before)
+    shapes = set()
+    for name, (a, b, s) in out.items():
+        a0, b0, s0 = before[name]
+        assert s == s0 and torch.equal(a, a0)
+        shapes.add(tuple(b.shape))
+        if name in exp:
+            u = top_left_singular(exp[name][1], exp[name][0], 3).float()
+            assert float((u.T @ (b @ a)).abs().max()) < 1e-4  # nothing left in the expert's subspace
+            torch.testing.assert_close(b + u @ (u.T @ b0), b0, atol=1e-5, rtol=0)  # deficiency + shared = whole
+        else:
+            torch.testing.assert_close(b, b0)  # a module the expert does not touch is kept whole
+    assert any(o != 32 for o, _ in shapes)  # a non-square (out != hidden) module was split too

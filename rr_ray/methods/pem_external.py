@@ -16,16 +16,28 @@ class PemExternal:
 
     def run(self, cfg: RRConfig, run: RunDir) -> MethodResult:
         from rr_ray.release.loop import run_release
-        from rr_ray.tasks.base import get_task
 
-        if not run.exists(ROWS):
-            rows = get_task(cfg.task).external_forget_data(cfg.compare.external_rows)
-            if not rows:
-                raise ValueError(f"pem_external: task {cfg.task.name!r} has no external forget data")
-            run.write_jsonl(ROWS, rows)
-        rows = run.read_jsonl(ROWS)
-        one_step = config_from_text(cfg.to_yaml(), "compare", ["release.iterations=0", "release.forget_rows=null"])
-        release = run.done_info("release") or run_release(one_step, run, forget_rows=rows)
-        info = {"forget_rows": len(rows)}
-        info |= {k: release[k] for k in ("s_base", "u_base", "s_final", "u_final", "steps") if k in release}
-        return MethodResult(release["composed_adapter"], info)
+        rows = external_rows(cfg, run, self.name)
+        release = run.done_info("release") or run_release(one_step(cfg), run, forget_rows=rows)
+        return MethodResult(release["composed_adapter"], {"forget_rows": len(rows), **release_info(release)})
+
+
+def external_rows(cfg: RRConfig, run: RunDir, method: str) -> list[dict[str, str]]:
+    """``compare.external_rows`` rows of the task's external forget data, kept in the run (read back on resume)."""
+    from rr_ray.tasks.base import get_task
+
+    if not run.exists(ROWS):
+        rows = get_task(cfg.task).external_forget_data(cfg.compare.external_rows)
+        if not rows:
+            raise ValueError(f"{method}: task {cfg.task.name!r} has no external forget data")
+        run.write_jsonl(ROWS, rows)
+    return run.read_jsonl(ROWS)
+
+
+def one_step(cfg: RRConfig) -> RRConfig:
+    """Equation 1 cut to mu_0: one forget PEM subtracted once, its weight chosen by the forget rule."""
+    return config_from_text(cfg.to_yaml(), "compare", ["release.iterations=0", "release.forget_rows=null"])
+
+
+def release_info(release: dict) -> dict:
+    return {k: release[k] for k in ("s_base", "u_base", "s_final", "u_final", "steps") if k in release}

@@ -91,7 +91,8 @@ def _compose_to_run(log: EditLog, run: RunDir, rel: str, endpoint_url: str | Non
     return _uri(run, rel)
 
 
-def _train(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], current: str | None) -> dict:
+def train_step(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], current: str | None) -> dict:
+    """Train the PEM of ``step`` on ``rows`` (on top of ``current``) into release/<step>/adapter, once."""
     rel = f"release/{step}/adapter"
     if run.is_done(f"release-{step}-train"):
         return run.done_info(f"release-{step}-train") or {}
@@ -136,7 +137,7 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
     current = _uri(run, f"release/{history[-1]['step']}/composed") if log.edits else None
     console.print(f"[bold]release {step}[/]: training the {kind} PEM on {len(rows)} rows "
                   f"({cfg.release.train.num_workers} Ray Train worker(s), {cfg.release.train.strategy})")
-    train_info = _train(cfg, run, step, rows, current)
+    train_info = train_step(cfg, run, step, rows, current)
     t1 = time.perf_counter()
     weights = cfg.release.forget_weights if kind == "forget" else cfg.release.retain_weights
     coefs = [-w for w in weights] if kind == "forget" else list(weights)

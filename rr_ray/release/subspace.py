@@ -11,13 +11,15 @@ left singular vectors are Q_B times those of the r x r core. Cost O((out + in) r
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rr_ray.release.pem import read_lora
+from rr_ray.release.pem import _A, _B, _PREFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lora
 
 
 def top_left_singular(b: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
@@ -67,3 +69,30 @@ def adapter_similarity(first: str | Path, second: str | Path, k: int = 8) -> Sub
         (a1, b1, _), (a2, b2, _) = one[name], two[name]
         out[name] = similarity(top_left_singular(b1, a1, k), top_left_singular(b2, a2, k))
     return SubspaceReport(k, out)
+
+
+def deficiency_lora(anti_expert: str | Path, expert: str | Path, out_dir: str | Path) -> Path:
+    """Ext-Sub's deficiency part of ``anti_expert`` (Hu et al. 2024), as a LoRA of the same rank.
+
+    Per module, the anti-expert's update s B A is split into what lies in the column space of the expert's
+    update (the capability both share) and the rest: B' = (I - U U^T) B with U the expert update's left
+    singular vectors (all of them, from the QR + core SVD above), A unchanged. Rows of B index the module's
+    outputs, so this works for any out x in projection (GQA's k/v, MLP up/down), square or not. Modules the
+    expert does not touch keep the anti-expert's update whole.
+    """
+    from safetensors.torch import save_file
+
+    anti, exp = read_lora(anti_expert), read_lora(expert).modules
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (a, b, _) in anti.modules.items():
+        if name in exp:
+            a_e, b_e, _ = exp[name]
+            u = top_left_singular(b_e, a_e, b_e.shape[1]).float()
+            b = b - u @ (u.T @ b)
+        tensors[_PREFIX + name + _A], tensors[_PREFIX + name + _B] = a.contiguous(), b.contiguous()
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copy(Path(anti_expert) / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    (out / "ext_sub.json").write_text(json.dumps({"anti_expert": str(anti_expert), "expert": str(expert)}))
+    return out
