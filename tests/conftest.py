@@ -54,3 +54,18 @@ def ray_local():
     connect(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+# The slowest modules go first, so that with `pytest -n 2` (scripts/test.sh) they overlap each other and the
+# many short tests fill the gaps, instead of one long test running alone at the end.
+SLOW_FIRST = ("test_e2e", "test_two_nodes", "test_cluster_install", "test_compare", "test_release",
+              "test_pipeline_s3", "test_vllm_backend", "test_serving_llm", "test_train")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    def key(item: pytest.Item) -> int:
+        module = getattr(item, "module", None)
+        return rank.get(module.__name__.rsplit(".", 1)[-1], len(SLOW_FIRST)) if module else len(SLOW_FIRST)
+
+    items.sort(key=key)

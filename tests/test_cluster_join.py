@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -15,13 +16,16 @@ import pytest
 from tests.procs import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
+# A token of this test's own (RAY_AUTH_TOKEN outranks ~/.ray/auth_token): heads that other tests start at the
+# same time (pytest -n 2) must not race on that shared file.
+TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture
 def ray_head(tmp_path: Path):
     """A real head node on 127.0.0.1 run with --block, so terminating it stops exactly its own processes."""
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_TOKEN": TOKEN}
     env.pop("RAY_ADDRESS", None)
     ray_bin = Path(sys.executable).with_name("ray")
     log = open(tmp_path / "head.log", "w")
@@ -50,7 +54,7 @@ def ray_head(tmp_path: Path):
 
 def test_run_joins_the_cluster_named_by_ray_address(ray_head: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     # The head enabled token auth by itself; a client must say so (README, "Joining a cluster").
-    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
     res = subprocess.run(
         [sys.executable, "-m", "rr_ray", "reveal", "--set", f"run.dir={tmp_path / 'run'}",
          "--set", f"model.name_or_path={tiny_model_dir}", "--set", "task.num_contexts=3",
