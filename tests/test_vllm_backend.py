@@ -224,6 +224,17 @@ def test_generator_pool_runs_vllm_in_ray_actors(ray_local, model_dir: str, vllm_
         assert [r[0].text for r in rows] == [g[0].text for g in alone]
         sampled = pool.generate([Request(PROMPTS[2])], SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=1))
         assert len(sampled[0]) == 3
+        # Reveal's instruction decoding needs the transformers model, which vLLM hides: the actor loads a copy,
+        # decodes on it as a local decode would, and frees it again.
+        from rr_ray.models.loader import load_model, load_tokenizer
+        from rr_ray.reveal import instructions as ins
+
+        spec = ins.DecodeSpec(ins.sobol_candidates(4, 4, 0), ins.exemplar_text(PROMPTS, 2, 0), soft_tokens=2, seed=1,
+                              max_new_tokens=6, scale=1.0)
+        [remote] = pool.with_model(ins.decode_batch, [(spec, [0, 1, 2, 3])])
+        pool.drop_model_copies()
+        local = ins.decode_batch(load_model(model_dir, "float32"), load_tokenizer(model_dir), spec, [0, 1, 2, 3])
+        assert remote.continuations == local.continuations
     finally:
         pool.shutdown()
 
