@@ -287,9 +287,11 @@ class CompareConfig(_Section):
 
     methods: list[str] = Field(
         default_factory=lambda: ["reveal_release", "pem_external"], min_length=1,
-        description="Built-in methods (reveal_release, pem_external) or your own as 'package.module:Class'.")
+        description="Built-in methods (reveal_release, pem_external, ext_sub) or your own as "
+        "'package.module:Class'.")
     external_rows: int = Field(
-        64, ge=1, description="Rows of the task's external forget data (never evaluation items) for pem_external.")
+        64, ge=1, description="Rows of the task's external forget data (never evaluation items) for pem_external "
+        "and ext_sub.")
 
     @field_validator("methods")
     @classmethod

@@ -28,6 +28,11 @@ class Method(Protocol):
     def run(self, cfg: RRConfig, run: RunDir) -> MethodResult: ...
 
 
+def release_info(release: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a release summary (``run_release``'s return or done marker) a method reports."""
+    return {k: release[k] for k in ("s_base", "u_base", "s_final", "u_final", "steps") if k in release}
+
+
 def get_method(name: str) -> Method:
     """The method plugin ``name`` (a built-in or ``package.module:Class``), instantiated."""
     from rr_ray.plugins import METHODS, load

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from rr_ray.config import RRConfig
-from rr_ray.methods.base import MethodResult
-from rr_ray.methods.pem_external import external_rows, one_step, release_info
+from rr_ray.methods.base import MethodResult, release_info
+from rr_ray.methods.pem_external import external_rows, one_step
 from rr_ray.storage import RunDir, localize
 
 

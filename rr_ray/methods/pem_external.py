@@ -5,7 +5,7 @@ on the validation halves: equation 1 with mu_0 alone and a forget set that Revea
 from __future__ import annotations
 
 from rr_ray.config import RRConfig, config_from_text
-from rr_ray.methods.base import MethodResult
+from rr_ray.methods.base import MethodResult, release_info
 from rr_ray.storage import RunDir
 
 ROWS = "external/forget.jsonl"
@@ -37,7 +37,3 @@ def external_rows(cfg: RRConfig, run: RunDir, method: str) -> list[dict[str, str
 def one_step(cfg: RRConfig) -> RRConfig:
     """Equation 1 cut to mu_0: one forget PEM subtracted once, its weight chosen by the forget rule."""
     return config_from_text(cfg.to_yaml(), "compare", ["release.iterations=0", "release.forget_rows=null"])
-
-
-def release_info(release: dict) -> dict:
-    return {k: release[k] for k in ("s_base", "u_base", "s_final", "u_final", "steps") if k in release}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rr_ray.config import RRConfig
-from rr_ray.methods.base import MethodResult
+from rr_ray.methods.base import MethodResult, release_info
 from rr_ray.models.loader import resolve_model
 from rr_ray.storage import RunDir
 
@@ -21,5 +21,4 @@ class RevealRelease:
             reveal = run_reveal(cfg, run, model_dir, progress=False)
             info["forget_rows"] = reveal["forget_size"]
         release = run.done_info("release") or run_release(cfg, run)
-        info |= {k: release[k] for k in ("s_base", "u_base", "s_final", "u_final", "steps") if k in release}
-        return MethodResult(release["composed_adapter"], info)
+        return MethodResult(release["composed_adapter"], info | release_info(release))

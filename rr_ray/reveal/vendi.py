@@ -75,16 +75,15 @@ class VendiAccumulator:
         b = len(y)
         if b == 0:
             raise ValueError("novelty of an empty batch is undefined")
+        # Vendi(D) cancels out of (gain - least gain) / (most gain - least gain): compare Vendi(D U Y) directly.
         if self.n:
-            before = self.score()
             eig = np.linalg.eigvalsh(self.gram)  # ascending; sums to n (unit rows)
-            best = hill_number(np.concatenate([eig, np.ones(b)]) / (self.n + b), self.q)
-            worst_eig = eig.copy()
-            worst_eig[-1] += b
-            worst = hill_number(worst_eig / (self.n + b), self.q)
-            lo, hi, got = worst - before, best - before, self.score_with(y) - before
+            hi = hill_number(np.concatenate([eig, np.ones(b)]) / (self.n + b), self.q)
+            eig[-1] += b
+            lo = hill_number(eig / (self.n + b), self.q)
         else:
-            lo, hi, got = 1.0, float(b), self.score_with(y)
+            lo, hi = 1.0, float(b)
+        got = self.score_with(y)
         return float(np.clip((got - lo) / (hi - lo), 0.0, 1.0)) if hi > lo else 0.0
 
     def add(self, batch: np.ndarray) -> None:
