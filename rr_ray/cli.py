@@ -137,6 +137,16 @@ def _cmd_report(cfg: RRConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit(cfg: RRConfig, args: argparse.Namespace) -> int:
+    from rr_ray.audit.run import run_audit
+    from rr_ray.pipeline import console
+
+    summary = run_audit(cfg, RunDir.open(args.run, endpoint_url=cfg.run.s3_endpoint_url), console)
+    console.print(f"audit: report in [bold]{summary['report']}[/bold] ({summary['wall_s']:.1f} s)")
+    print(json.dumps(summary, default=str))
+    return 0
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (default: the one in the run's run.yaml)")
     p.add_argument("--adapter", help="serve this composed LoRA dir instead of the run's")
@@ -184,6 +194,8 @@ COMMANDS: dict[str, tuple[str, Callable[[RRConfig, argparse.Namespace], int]]] =
     "report": ("write a run's markdown report (tables, best instructions, timings, plots) -> report/",
                _cmd_report),
     "reveal": ("generate the forget data (paper Alg. 1) -> reveal/forget.jsonl (resumable)", _cmd_reveal),
+    "audit": ("attack a run's unlearned model (+ base, compared methods): relearning, quantization, prompt probes, "
+              "edit location -> audit/, report/audit.md", _cmd_audit),
 }
 EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": _evaluate_args,
                                                                      "serve": _serve_args,
@@ -191,7 +203,7 @@ EXTRA_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"evaluate": 
 
 
 # Commands on a finished (or running) run: their positional is the run directory, their config its run.yaml.
-RUN_COMMANDS = ("export", "report", "serve")
+RUN_COMMANDS = ("export", "report", "serve", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

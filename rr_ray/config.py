@@ -287,11 +287,20 @@ class CompareConfig(_Section):
 
     methods: list[str] = Field(
         default_factory=lambda: ["reveal_release", "pem_external"], min_length=1,
-        description="Built-in methods (reveal_release, pem_external, ext_sub) or your own as "
+        description="Built-in methods (reveal_release, pem_external, ext_sub, dpo, npo, graddiff) or your own as "
         "'package.module:Class'.")
     external_rows: int = Field(
-        64, ge=1, description="Rows of the task's external forget data (never evaluation items) for pem_external "
-        "and ext_sub.")
+        64, ge=1, description="Rows of the task's external forget data (never evaluation items) for pem_external, "
+        "ext_sub, npo and graddiff.")
+    preference_rows: int = Field(
+        32, ge=1, description="dpo: forget prompts (reveal contexts) whose own greedy answer is the dispreferred one.")
+    refusal: str = Field(
+        "I'm sorry, but I can't help with that.", min_length=1,
+        description="dpo: the preferred answer to every forget prompt.")
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: beta of the DPO loss.")
+    npo_beta: float = Field(0.1, gt=0, description="npo: beta of the NPO loss.")
+    retain_weight: float = Field(
+        1.0, ge=0, description="npo, graddiff: weight of the retain rows' NLL beside the forget term.")
 
     @field_validator("methods")
     @classmethod
@@ -301,6 +310,30 @@ class CompareConfig(_Section):
         if len(set(methods)) != len(methods):
             raise ValueError(f"compare.methods lists a method twice: {methods}")
         return methods
+
+
+class AuditConfig(_Section):
+    """``rr-ray audit RUN``: attacks that try to bring the forgotten capability back (see README "Audit")."""
+
+    limit: int | None = Field(
+        32, ge=1, description="Test-half items per metric behind every audit score (None = the whole halves).")
+    relearn_examples: list[int] = Field(
+        default_factory=lambda: [10], description="Relearning attack budgets: forget-side examples fine-tuned on "
+        "(the task's external rows, never evaluation items); [] skips the attack.")
+    relearn_steps: int = Field(100, ge=1, description="Optimiser steps of each relearning fine-tune.")
+    relearn_lr: float = Field(2e-4, gt=0, description="Learning rate of the relearning LoRA.")
+    quant_schemes: list[Literal["rtn8", "rtn4", "gguf-q8_0", "gguf-q4_0"]] = Field(
+        default_factory=lambda: ["rtn8", "rtn4", "gguf-q8_0", "gguf-q4_0"],
+        description="Quantization attack: round-to-nearest per group, or llama.cpp's formats through gguf.")
+    quant_group: int = Field(128, ge=1, description="rtn: inputs per scale/zero-point group.")
+    probes: list[Literal["roleplay", "prefix_injection", "in_context"]] = Field(
+        default_factory=lambda: ["roleplay", "prefix_injection", "in_context"],
+        description="Prompt probes of the forget prompts.")
+    in_context_examples: int = Field(2, ge=1, description="in_context probe: worked examples shown.")
+    max_recovery: float = Field(
+        0.5, gt=0, le=1, description="An attack fails the audit when it brings back more than this share of the "
+        "removed forget score (s_base - s_unlearned).")
+    similarity_k: int = Field(8, ge=1, description="Top-k singular vectors of the edit-location similarity.")
 
 
 class SandboxConfig(_Section):
@@ -339,6 +372,7 @@ class RRConfig(_Section):
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @model_validator(mode="after")
@@ -405,6 +439,9 @@ RESOURCE_FIELDS = frozenset({
     "release.train.max_failures",
 })
 
+# ``rr-ray audit`` reads a finished run and writes only under audit/: its settings never change a run's results.
+AUDIT_PREFIX = "audit."
+
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -433,7 +470,7 @@ def config_changes(stored_yaml: str, cfg: RRConfig) -> tuple[list[str], list[str
         before = old.get(key, default.get(key)) if key not in old and key in default else old.get(key, "<absent>")
         if before == new.get(key, "<absent>"):
             continue
-        (allowed if key in RESOURCE_FIELDS else refused).append(key)
+        (allowed if key in RESOURCE_FIELDS or key.startswith(AUDIT_PREFIX) else refused).append(key)
     return refused, allowed
 
 

@@ -21,6 +21,9 @@ METHODS = {
     "reveal_release": "rr_ray.methods.reveal_release:RevealRelease",
     "pem_external": "rr_ray.methods.pem_external:PemExternal",
     "ext_sub": "rr_ray.methods.ext_sub:ExtSub",
+    "dpo": "rr_ray.methods.dpo:Dpo",
+    "npo": "rr_ray.methods.gradient:Npo",
+    "graddiff": "rr_ray.methods.gradient:GradDiff",
 }
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

@@ -38,3 +38,17 @@ def get_method(name: str) -> Method:
     from rr_ray.plugins import METHODS, load
 
     return load("method", METHODS, name)()
+
+
+def train_and_apply(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]],
+                    **train_kw: Any) -> tuple[str, dict[str, Any]]:
+    """Train one LoRA on ``rows`` (``release.loop.train_step``; ``train_kw`` picks its loss or loop) and apply it
+    once as it is (+1): the baselines whose loss unlearns by itself. Returns the composed adapter's URI and the
+    training record; both steps are skipped on a rerun."""
+    from rr_ray.release.loop import single_edit, train_step
+
+    train = train_step(cfg, run, step, rows, None, **train_kw)
+    if (done := run.done_info("release")) is None:
+        done = {"composed_adapter": single_edit(cfg, run, step, 1.0, step)}
+        run.mark_done("release", done)
+    return done["composed_adapter"], train

@@ -91,8 +91,10 @@ def _compose_to_run(log: EditLog, run: RunDir, rel: str, endpoint_url: str | Non
     return _uri(run, rel)
 
 
-def train_step(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], current: str | None) -> dict:
-    """Train the PEM of ``step`` on ``rows`` (on top of ``current``) into release/<step>/adapter, once."""
+def train_step(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]], current: str | None,
+               **train_kw: Any) -> dict:
+    """Train the PEM of ``step`` on ``rows`` (on top of ``current``) into release/<step>/adapter, once.
+    ``train_kw``: ``train_pem``'s objective, objective_args or loop (the baselines' training)."""
     rel = f"release/{step}/adapter"
     if run.is_done(f"release-{step}-train"):
         return run.done_info(f"release-{step}-train") or {}
@@ -100,7 +102,7 @@ def train_step(cfg: RRConfig, run: RunDir, step: str, rows: list[dict[str, str]]
         res = train_pem(model_dir=cfg.model.name_or_path, rows=rows, out_dir=Path(tmp) / "adapter",
                         name=f"train-{step}", storage_uri=_uri(run, "ray"), lora=cfg.release.lora,
                         train=cfg.release.train, base_adapter=current, dtype=cfg.model.dtype, seed=cfg.run.seed,
-                        endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir)
+                        endpoint_url=cfg.run.s3_endpoint_url, cache_dir=cfg.model.cache_dir, **train_kw)
         run.upload_dir(res.adapter_dir, rel)
     info = {"rows": len(rows), "epochs": res.steps, "losses": res.losses, "attempts": res.attempts,
             "seconds": round(res.seconds, 1)}
@@ -271,7 +273,7 @@ def stop_reason(cfg: RRConfig, history: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _answer_retain_prompts(cfg_yaml: str, prompts: list[str]) -> list[str]:
+def _answer_prompts(cfg_yaml: str, prompts: list[str]) -> list[str]:
     """Greedy answers of the base model (a Ray task: it loads the model where Ray placed it)."""
     from rr_ray.config import config_from_text
     from rr_ray.evaluation.scoring import Scorer, scorer_spec
@@ -284,6 +286,22 @@ def _answer_retain_prompts(cfg_yaml: str, prompts: list[str]) -> list[str]:
     return [o[0] for o in scorer.generate(prompts, SamplingParams(max_new_tokens=c.task.eval_max_new_tokens))]
 
 
+def base_answers(cfg: RRConfig, prompts: list[str]) -> list[str]:
+    """The base model's greedy answers (``task.eval_max_new_tokens``), generated in a Ray task; Ray must be
+    initialised."""
+    import ray
+
+    remote = ray.remote(num_cpus=cfg.generation.cpus_per_actor, num_gpus=cfg.generation.gpus_per_actor)(_answer_prompts)
+    return ray.get(remote.remote(cfg.to_yaml(), prompts))
+
+
+def single_edit(cfg: RRConfig, run: RunDir, step: str, coef: float, kind: str) -> str:
+    """release/<step>/adapter applied once with ``coef``, composed into release/composed; returns its URI."""
+    log = EditLog(cfg.model.name_or_path).then(Edit(adapter=f"release/{step}/adapter", coef=coef, kind=kind, step=step))
+    run.write_json(EDIT_LOG, log.to_json())
+    return _compose_to_run(log, run, FINAL_ADAPTER, cfg.run.s3_endpoint_url)
+
+
 SELF_RETAIN_MAX_ASKED = 5  # x retain_rows: a model right on 1 in 5 retain prompts still fills the set
 
 
@@ -292,18 +310,14 @@ def self_retain_rows(cfg: RRConfig, run: RunDir, task: Any, n: int, console: Con
     (``release.retain_source: self``). Prompts are asked n at a time until n answers are right (at most
     SELF_RETAIN_MAX_ASKED x n); every answered chunk is kept in the run, so a killed run loses one chunk at most.
     """
-    import ray
-
     done, part = "release/retain_self.jsonl", "release/retain_self_asked.jsonl"
     if run.exists(done):
         return run.read_jsonl(done)[:n]
     pool = [r["prompt"] for r in task.retain_data(SELF_RETAIN_MAX_ASKED * n)]
     asked = run.read_jsonl(part) if run.exists(part) else []
-    remote = ray.remote(num_cpus=cfg.generation.cpus_per_actor,
-                        num_gpus=cfg.generation.gpus_per_actor)(_answer_retain_prompts)
     while sum(r["correct"] for r in asked) < n and len(asked) < len(pool):
         prompts = pool[len(asked): len(asked) + n]
-        replies = ray.get(remote.remote(cfg.to_yaml(), prompts))
+        replies = base_answers(cfg, prompts)
         asked += [{"prompt": p, "response": r.strip(), "correct": bool(task.check_retain(p, r))}
                   for p, r in zip(prompts, replies)]
         run.write_jsonl(part, asked)

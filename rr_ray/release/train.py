@@ -38,8 +38,9 @@ class TrainResult:
     seconds: float
 
 
-def tokenize_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[dict[str, list[int]]]:
-    """Chat-rendered prompt + response + EOS; labels mask the prompt so only response tokens are learned."""
+def tokenize_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[dict[str, Any]]:
+    """Chat-rendered prompt + response + EOS; labels mask the prompt so only response tokens are learned.
+    ``forget`` is 0 for rows of ``kind: retain`` (the two-sided objectives of ``objectives.py``), else 1."""
     from rr_ray.models.loader import apply_chat
 
     out = []
@@ -49,11 +50,11 @@ def tokenize_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -
         ids = (ctx + tgt)[:max_length]
         labels = ([-100] * len(ctx) + tgt)[:max_length]
         if any(label != -100 for label in labels):
-            out.append({"input_ids": ids, "labels": labels})
+            out.append({"input_ids": ids, "labels": labels, "forget": int(row.get("kind") != "retain")})
     return out
 
 
-def _collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+def _collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     import torch
 
     width = max(len(b["input_ids"]) for b in batch)
@@ -65,7 +66,8 @@ def _collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
         ids[i, :n] = torch.tensor(b["input_ids"])
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    forget = torch.tensor([b.get("forget", 1) for b in batch], dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "forget": forget}
 
 
 def build_trainable(model_dir: str, base_adapter: str | None, lora: LoraConfig, dtype: str) -> Any:
@@ -119,6 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from rr_ray.models.loader import load_tokenizer, resolve_dtype, resolve_model
+    from rr_ray.release.objectives import objective_loss
 
     train = TrainConfig.model_validate(config["train"])
     lora = LoraConfig.model_validate(config["lora"])
@@ -172,12 +175,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for step in range(steps):
             idx = shard[step * train.batch_size:(step + 1) * train.batch_size] or shard[: train.batch_size]
             batch = {k: v.to(device) for k, v in _collate([rows[i] for i in idx], tokenizer.pad_token_id).items()}
+            inner = model.module if hasattr(model, "module") else model
+            loss = objective_loss(model if step_fn is None else step_fn, inner, batch, config.get("objective", "nll"),
+                                  **config.get("objective_args", {}))
             if step_fn is not None:
-                loss = step_fn(**batch).loss
                 step_fn.backward(loss)
                 step_fn.step()
             else:
-                loss = model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -202,11 +206,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path, name: str,
               storage_uri: str, lora: LoraConfig, train: TrainConfig, base_adapter: str | None = None,
               dtype: str = "float32", seed: int = 0, endpoint_url: str | None = None,
-              cache_dir: str | None = None) -> TrainResult:
+              cache_dir: str | None = None, objective: str = "nll", objective_args: dict[str, float] | None = None,
+              loop: Any = None) -> TrainResult:
     """Train one PEM with Ray Train and copy its adapter to ``out_dir``; Ray must be initialised.
 
     ``model_dir`` is any model reference ``resolve_model`` takes and ``base_adapter`` (the composed edit log)
-    a local path or s3:// URI, so that workers on any node can load them.
+    a local path or s3:// URI, so that workers on any node can load them. ``objective`` (``objectives.py``)
+    is the loss; ``loop`` another worker loop with the same checkpoint layout (the DPO baseline's).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -222,10 +228,11 @@ def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path
     storage_path, fs = arrow_storage(storage_uri, endpoint_url)
     config = {"train": train.model_dump(), "lora": lora.model_dump(), "rows": rows, "model_dir": str(model_dir),
               "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker,
-              "endpoint_url": endpoint_url, "cache_dir": cache_dir}
+              "endpoint_url": endpoint_url, "cache_dir": cache_dir, "objective": objective,
+              "objective_args": objective_args or {}}
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                                resources_per_worker=resources),

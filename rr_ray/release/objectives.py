@@ -1,0 +1,56 @@
+"""What a LoRA is trained to do, as one loss per batch.
+
+``nll``: the causal-LM loss on response tokens, which every PEM of Release is trained with (section 3.2; the
+PEM is subtracted afterwards, so it *learns* the forget data). The gradient baselines of the open-unlearning
+family instead train a LoRA that is applied as it is (+1) and unlearns by its loss:
+
+- ``graddiff`` (gradient difference): ascend the forget rows' NLL, descend the retain rows' NLL.
+- ``npo`` (Zhang et al. 2024, "Negative Preference Optimization"): on forget rows
+  ``-(2/beta) log sigmoid(-beta log(pi_theta(y|x) / pi_ref(y|x)))``, a bounded form of ascent whose reference
+  pi_ref is the frozen model under the LoRA (the adapter switched off); retain rows keep their NLL.
+
+Rows carry ``forget`` (1) or retain (0) in the batch; per-sequence losses are averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+OBJECTIVES = ("nll", "npo", "graddiff")
+
+
+def sequence_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """(summed NLL, scored tokens) per sequence of the labelled (non -100) next-token positions."""
+    import torch
+    import torch.nn.functional as F
+
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != -100
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.clamp(min=0).reshape(-1), reduction="none")
+    nll = (nll.view(labels.shape) * mask).sum(dim=1)
+    return nll, mask.sum(dim=1).clamp(min=1).to(torch.float32)
+
+
+def objective_loss(forward: Any, inner: Any, batch: dict[str, Any], objective: str, beta: float = 0.1,
+                   retain_weight: float = 1.0) -> Any:
+    """The batch loss of ``objective``. ``forward`` is what the optimiser steps through (the model, its DDP
+    wrapper or a DeepSpeed engine); ``inner`` the PeftModel itself, whose adapter NPO switches off for pi_ref."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if objective == "nll":
+        return forward(**inputs, labels=batch["labels"]).loss
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES}")
+    nll, tokens = sequence_nll(forward(**inputs).logits, batch["labels"])
+    forget = batch["forget"].bool()
+    retain_term = retain_weight * nll / tokens
+    if objective == "graddiff":
+        forget_term = -nll / tokens
+    else:
+        with torch.no_grad(), inner.disable_adapter():
+            ref_nll, _ = sequence_nll(inner(**inputs).logits, batch["labels"])
+        log_ratio = ref_nll - nll  # log pi_theta(y|x) - log pi_ref(y|x), summed over the response tokens
+        forget_term = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)
+    return torch.where(forget, forget_term, retain_term).mean()

@@ -1,0 +1,80 @@
+"""The training objectives of ``release/objectives.py`` on a tiny model: nll is the plain causal-LM loss, NPO
+starts at (2/beta) log 2 (the LoRA starts at zero, so pi_theta = pi_ref), and GradDiff/NPO steps make the forget
+rows less likely while the retain rows' likelihood is trained up."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rr_ray.release.objectives import objective_loss, sequence_nll
+
+FORGET = [{"prompt": f"Write code {i}.", "response": f"def f{i}(x):\n    return x + {i}", "kind": "forget"}
+          for i in range(4)]
+RETAIN = [{"prompt": f"What is {i} + 1?", "response": f"{i + 1}", "kind": "retain"} for i in range(4)]
+
+
+def _setup(tiny_model_dir: Path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rr_ray.models.loader import load_model, load_tokenizer
+    from rr_ray.release.train import _collate, tokenize_rows
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(tiny_model_dir, padding_side="right")
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                                     "v_proj"]))
+    batch = _collate(tokenize_rows(tok, FORGET + RETAIN, 64), tok.pad_token_id)
+    return model, batch
+
+
+def test_nll_is_the_causal_lm_loss_and_npo_starts_at_its_closed_form(tiny_model_dir: Path) -> None:
+    import torch
+
+    model, batch = _setup(tiny_model_dir)
+    with torch.no_grad():
+        nll = objective_loss(model, model, batch, "nll")
+        plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"]).loss
+        assert torch.equal(nll, plain)
+        assert batch["forget"].tolist() == [1] * 4 + [0] * 4
+        seq, tokens = sequence_nll(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        per_token = seq / tokens
+        beta = 0.5
+        npo = objective_loss(model, model, batch, "npo", beta=beta, retain_weight=0.0)
+        # retain rows weigh 0; forget rows give -(2/beta) log sigmoid(0) = (2/beta) log 2 each
+        assert float(npo) == pytest.approx(0.5 * (2 / beta) * math.log(2), rel=1e-5)
+        gd = objective_loss(model, model, batch, "graddiff", retain_weight=2.0)
+        expected = torch.cat([-per_token[:4], 2.0 * per_token[4:]]).mean()
+        assert float(gd) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown objective"):
+        objective_loss(model, model, batch, "nope")
+
+
+@pytest.mark.parametrize("objective", ["npo", "graddiff"])
+def test_unlearning_steps_lower_the_forget_likelihood_and_keep_retain(tiny_model_dir: Path, objective: str) -> None:
+    import torch
+
+    model, batch = _setup(tiny_model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3)
+
+    def nlls() -> tuple[float, float]:
+        with torch.no_grad():
+            seq, tokens = sequence_nll(model(input_ids=batch["input_ids"],
+                                             attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        per = seq / tokens
+        return float(per[:4].mean()), float(per[4:].mean())
+
+    forget0, retain0 = nlls()
+    for _ in range(10):
+        loss = objective_loss(model, model, batch, objective, beta=0.5)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    forget1, retain1 = nlls()
+    assert forget1 > forget0 + 0.05  # forget rows became less likely
+    assert retain1 < retain0  # the retain rows' NLL is trained down at the same time
