@@ -1,4 +1,5 @@
-"""``rr-ray compare`` on the tiny random model: the built-in baselines (pem_external, ext_sub) and a user's method,
+"""``rr-ray compare`` on the tiny random model: the built-in baselines (pem_external, ext_sub, dpo, npo) and a user's
+method,
 loaded by 'module:Class' from outside rr-ray, run in parallel Ray tasks and evaluated with the base on the
 same test halves; a rerun skips the finished methods."""
 
@@ -44,7 +45,9 @@ def _config(tmp_path: Path, model_dir: Path) -> Path:
     cfg["model"] = {"name_or_path": str(model_dir)}
     cfg["generation"].update(num_actors=1, dtype="float32")
     cfg["release"].update(iterations=0, forget_weights=[4.0])
-    cfg["compare"] = {"methods": ["pem_external", "ext_sub", "user_methods:LeaveAsIs"], "external_rows": 4}
+    cfg["release"]["train"]["max_length"] = 384  # HumanEval prompts: dpo's pairs need the whole prompt
+    cfg["compare"] = {"methods": ["pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs"],
+                      "external_rows": 4, "preference_rows": 3}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -66,7 +69,8 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert first.returncode == 0, first.stderr[-4000:]
     root = tmp_path / "cmp"
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "ext_sub", "user_methods:LeaveAsIs"]
+    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "ext_sub", "dpo", "npo",
+                                                      "user_methods:LeaveAsIs"]
     rows = {r["method"]: r for r in summary["rows"]}
 
     # pem_external: one forget PEM on the task's external rows (pool problems, never evaluation items)
@@ -82,6 +86,23 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
         assert (ext_sub / f"release/{step}/adapter/adapter_model.safetensors").is_file(), step
     assert (ext_sub / "release/mu_0/adapter/ext_sub.json").is_file()
     assert [s["step"] for s in json.loads((ext_sub / "release/steps.json").read_text())] == ["base", "mu_0"]
+    # dpo: the refusal preferred over the base model's own answers to reveal contexts (never evaluation items)
+    from rr_ray.config import load_config
+    from rr_ray.tasks.base import get_task
+
+    task = get_task(load_config(str(cfg)).task)
+    eval_prompts = {p["prompt"].strip() for p in task.eval_problems}
+    pairs = [json.loads(line) for line in (root / "methods/dpo/dpo/pairs.jsonl").read_text().splitlines()]
+    assert 1 <= len(pairs) <= 3 and all(p["chosen"] == "I'm sorry, but I can't help with that." for p in pairs)
+    assert all(task.problem_for(p["prompt"])["prompt"].strip() not in eval_prompts for p in pairs)
+    # dpo and npo: one LoRA each, trained once and applied as it is (+1)
+    for method in ("dpo", "npo"):
+        log = json.loads((root / f"methods/{method}/edit_log.json").read_text())
+        assert [(e["step"], e["coef"]) for e in log["edits"]] == [(method, 1.0)]
+        assert (root / f"methods/{method}/release/{method}/adapter/adapter_model.safetensors").is_file()
+        assert rows[method]["s"] != rows["base"]["s"]  # the trained LoRA changed the model
+    npo_rows = json.loads((root / "methods/npo/release/npo/adapter/train_info.json").read_text())["rows"]
+    assert npo_rows == 4 + 4  # the 4 external forget rows beside release.retain_rows=4 retain rows
     # the user's method ran in its own run directory and, making no edit, scores exactly as the base
     ran = json.loads((root / "methods/user_methods_LeaveAsIs/user/ran.json").read_text())
     assert ran == {"task": "code", "saw_pem_external_running": True}  # the methods ran side by side
@@ -90,7 +111,7 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     # every row was measured on the same test-half items
     assert len({(r["forget_items"], r["utility_items"]) for r in summary["rows"]}) == 1
     methods = json.loads((root / "compare/table.json").read_text())["methods"]
-    assert set(methods) == {"pem_external", "ext_sub", "user_methods:LeaveAsIs"}
+    assert set(methods) == {"pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs"}
     assert methods["pem_external"]["seconds"] > 0
     assert (root / "compare/scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "compare/table.md").read_text()

@@ -63,6 +63,9 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
                                   lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=dpo_args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft_cfg)
+        if len(trainer.train_dataset) == 0:  # trl drops pairs whose prompt alone fills max_length
+            raise ValueError(f"dpo: every one of the {len(data)} prompts fills release.train.max_length="
+                             f"{train.max_length} tokens; raise it")
         trainer.train()
         history = trainer.state.log_history
         losses = [float(h["loss"]) for h in history if "loss" in h]
