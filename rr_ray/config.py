@@ -326,9 +326,9 @@ class AuditConfig(_Section):
         default_factory=lambda: ["rtn8", "rtn4", "gguf-q8_0", "gguf-q4_0"],
         description="Quantization attack: round-to-nearest per group, or llama.cpp's formats through gguf.")
     quant_group: int = Field(128, ge=1, description="rtn: inputs per scale/zero-point group.")
-    probes: list[Literal["roleplay", "prefix_injection", "in_context"]] = Field(
-        default_factory=lambda: ["roleplay", "prefix_injection", "in_context"],
-        description="Prompt probes of the forget prompts.")
+    probes: list[Literal["roleplay", "prefix_injection", "paraphrase", "in_context"]] = Field(
+        default_factory=lambda: ["roleplay", "prefix_injection", "paraphrase", "in_context"],
+        description="Prompt probes of the forget prompts (paraphrase: the base model rewords each one).")
     in_context_examples: int = Field(2, ge=1, description="in_context probe: worked examples shown.")
     max_recovery: float = Field(
         0.5, gt=0, le=1, description="An attack fails the audit when it brings back more than this share of the "

@@ -58,7 +58,7 @@ def ray_local():
 
 # The slowest modules go first, so that with `pytest -n 2` (scripts/test.sh) they overlap each other and the
 # many short tests fill the gaps, instead of one long test running alone at the end.
-SLOW_FIRST = ("test_e2e", "test_two_nodes", "test_cluster_install", "test_compare", "test_release",
+SLOW_FIRST = ("test_e2e", "test_two_nodes", "test_cluster_install", "test_compare", "test_audit", "test_release",
               "test_pipeline_s3", "test_vllm_backend", "test_serving_llm", "test_train")
 
 

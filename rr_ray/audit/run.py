@@ -6,7 +6,7 @@ attacked side by side, each attack on each model as its own Ray task:
 - relearning (``relearn-nN``): a LoRA fine-tuned for ``audit.relearn_steps`` steps on N forget-side examples
   (the task's external rows), on top of the model, then the forget score again;
 - quantization (``rtn8`` ... ``gguf-q4_0``, ``quantize.py``): merged weights rounded to 8 or 4 bits, both sides;
-- prompt probes (``roleplay``, ``prefix_injection``, ``in_context``, ``probes.py``): the forget side asked in
+- prompt probes (``roleplay``, ``prefix_injection``, ``paraphrase``, ``in_context``, ``probes.py``): the forget side asked in
   framings that often bring a suppressed skill back;
 - where the edit lives (``locate.py``): the composed LoRA's size per layer and module, and its subspace
   similarity to each forget PEM.
@@ -82,7 +82,7 @@ def _quantized_copy(model_dir: str, adapter: str | None, scheme: str, group: int
 
 def _score(cfg_yaml: str, adapter_uri: str | None, attack: dict[str, Any]) -> dict[str, Any]:
     """Ray task: the attack's sides of one model (quantized or with framed prompts where the attack says)."""
-    from rr_ray.audit.probes import FramedScorer, framing
+    from rr_ray.audit.probes import probe_scorer
     from rr_ray.evaluation.evaluate import evaluate
     from rr_ray.evaluation.scoring import Scorer, scorer_spec
     from rr_ray.models.loader import resolve_model
@@ -101,7 +101,7 @@ def _score(cfg_yaml: str, adapter_uri: str | None, attack: dict[str, Any]) -> di
             examples = None
             if attack["probe"] == "in_context":
                 examples = get_task(cfg.task).external_forget_data(cfg.audit.in_context_examples)
-            scorer = FramedScorer(scorer, framing(attack["probe"], examples))
+            scorer = probe_scorer(attack["probe"], scorer, examples)
         result = evaluate(cfg, adapter=adapter, limit=cfg.audit.limit, scorer=scorer, sides=tuple(attack["sides"]))
     return result | {"attack": attack["id"], "adapter": adapter_uri, **extra}
 

@@ -138,6 +138,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         base_adapter = str(localize(base_adapter, endpoint_url=config.get("endpoint_url")))
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     rows = tokenize_rows(tokenizer, config["rows"], train.max_length)
+    if not rows:  # else every step would average a loss over no tokens and train nothing, silently
+        raise ValueError(f"none of the {len(config['rows'])} training rows keeps a response token within "
+                         f"release.train.max_length={train.max_length}: raise it")
     model = build_trainable(model_dir, base_adapter, lora, config["dtype"])
     params = [p for p in model.parameters() if p.requires_grad]
 
