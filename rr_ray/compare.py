@@ -31,19 +31,27 @@ def method_dir(root: RunDir, name: str) -> str:
     return f"{root.uri.rstrip('/')}/methods/{safe}"
 
 
-def method_config(cfg: RRConfig, root: RunDir, name: str) -> RRConfig:
-    """The config a method runs with: the compare config, in the method's own run directory."""
-    return config_from_text(cfg.to_yaml(), "compare", [f"run.dir={method_dir(root, name)}"])
+def entries(cfg: RRConfig) -> dict[str, tuple[str, list[str]]]:
+    """Table row name -> (method, extra overrides): every method, then every ablation of reveal_release."""
+    out = {name: (name, []) for name in cfg.compare.methods}
+    out |= {name: ("reveal_release", cfg.compare.ablation_overrides(name)) for name in cfg.compare.ablations}
+    return out
 
 
-def _run_method(cfg_yaml: str, name: str) -> dict[str, Any]:
+def method_config(cfg: RRConfig, root: RunDir, name: str, overrides: list[str] = ()) -> RRConfig:
+    """The config a method runs with: the compare config (plus an ablation's overrides), in the method's own
+    run directory."""
+    return config_from_text(cfg.to_yaml(), "compare", [f"run.dir={method_dir(root, name)}", *overrides])
+
+
+def _run_method(cfg_yaml: str, name: str, method: str) -> dict[str, Any]:
     """Ray task: one method in its run directory; returns its adapter URI, info and wall time."""
     from rr_ray.methods.base import get_method
 
     cfg = config_from_text(cfg_yaml, f"compare ({name})")
     started = time.time()
     run = open_run(cfg)
-    result = get_method(name).run(cfg, run)
+    result = get_method(method).run(cfg, run)
     finished = time.time()
     return {"method": name, "adapter": result.adapter, "info": result.info, "run_dir": run.uri,
             "seconds": round(finished - started, 1), "started": started, "finished": finished}
@@ -117,6 +125,64 @@ def scatter_png(rows: list[dict[str, Any]], title: str) -> bytes:
     return buf.getvalue()
 
 
+ABLATION_TITLES = {"forget_rule_60": "the 60 % forget rule against the 90 % one (Figure 4 shape)",
+                   "orthogonal_retain": "retain PEMs with and without O-LoRA's orthogonality penalty (Table 10 shape)"}
+
+
+def ablations_markdown(steps: dict[str, list[dict[str, Any]]], rows: dict[str, dict[str, Any]], title: str) -> str:
+    """Per ablation: its release steps beside reveal_release's (weight, s / s_base, u / u_base on the
+    validation halves) and both models on the test halves."""
+    from rr_ray.release.loop import step_label
+
+    def cells(history: list[dict[str, Any]], i: int) -> str:
+        if i >= len(history):
+            return "| | | "
+        rec, s0, u0 = history[i], history[0]["s"], history[0]["u"]
+        return f"| {step_label(rec)} | {rec['s'] / s0:.3f} | {rec['u'] / u0:.3f} "
+
+    out = [f"# Ablations of reveal_release: {title}\n"]
+    ours = steps["reveal_release"]
+    for name, history in steps.items():
+        if name == "reveal_release":
+            continue
+        out += [f"## {name}: {ABLATION_TITLES[name]}\n",
+                "| # | reveal_release | s / s_base | u / u_base | " + name + " | s / s_base | u / u_base |",
+                "|---:|---|---:|---:|---|---:|---:|"]
+        for i in range(max(len(ours), len(history))):
+            out.append(f"| {i} " + cells(ours, i) + cells(history, i) + "|")
+        a, b = rows["reveal_release"], rows[name]
+        out.append(f"\nTest halves: reveal_release forget {a['s']:.4g} ({_pct(a['forget_drop'])} drop), utility "
+                   f"{a['u']:.4g} ({_pct(a['utility_kept'])} kept); {name} forget {b['s']:.4g} "
+                   f"({_pct(b['forget_drop'])} drop), utility {b['u']:.4g} ({_pct(b['utility_kept'])} kept).\n")
+    return "\n".join(out) + "\n"
+
+
+def ablations_png(steps: dict[str, list[dict[str, Any]]], title: str) -> bytes:
+    """s / s_base and u / u_base across the release steps, one line per variant (validation halves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for name, history in steps.items():
+        s0, u0 = history[0]["s"], history[0]["u"]
+        xs = [rec["index"] for rec in history]
+        axes[0].plot(xs, [rec["s"] / s0 for rec in history], "o-", label=name)
+        axes[1].plot(xs, [rec["u"] / u0 for rec in history], "o-", label=name)
+    for ax, what in zip(axes, ("forget s / s_base (lower = forgotten)", "utility u / u_base (higher = kept)")):
+        ax.set_xlabel("release step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Ablations: {title}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_compare(cfg: RRConfig) -> dict[str, Any]:
     """Run every method of ``cfg.compare.methods`` (in parallel Ray tasks), evaluate them and the base on the
     test halves, and write ``compare/``. Finished methods and evaluation parts are skipped on a rerun."""
@@ -127,13 +193,14 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     runner = ray.remote(num_cpus=0, max_retries=0)(_run_method)
     done: dict[str, dict[str, Any]] = {}
     pending = {}
-    for name in cfg.compare.methods:
+    runs = entries(cfg)
+    for name, (method, overrides) in runs.items():
         if (info := root.done_info(f"compare-{name}")) is not None:
             console.print(f"compare: {name} already done, skipped")
             done[name] = info
         else:
             console.print(f"compare: running {name} in {method_dir(root, name)}")
-            pending[runner.remote(method_config(cfg, root, name).to_yaml(), name)] = name
+            pending[runner.remote(method_config(cfg, root, name, overrides).to_yaml(), name, method)] = name
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         name = pending.pop(ref)
@@ -141,7 +208,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
         root.mark_done(f"compare-{name}", done[name])
         console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
     console.rule("[bold]compare[/]: every method and the base on the same test halves")
-    models = {"base": None, **{name: done[name]["adapter"] for name in cfg.compare.methods}}
+    models = {"base": None, **{name: done[name]["adapter"] for name in runs}}
     results = evaluate_models(cfg, root, models, prefix=f"{OUT}/eval")
     rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"])
             for name in models]
@@ -151,6 +218,13 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     root.write_json(f"{OUT}/table.json", {"rows": rows, "methods": done})
     root.write_bytes(f"{OUT}/scatter.png", scatter_png(rows, title))
     console.print(table_rich(rows, title))
+    if cfg.compare.ablations:
+        steps = {name: RunDir.open(method_dir(root, name), endpoint_url=cfg.run.s3_endpoint_url)
+                 .read_json("release/steps.json") for name in ("reveal_release", *cfg.compare.ablations)}
+        by_name = {r["method"]: r for r in rows}
+        root.write_text(f"{OUT}/ablations.md", ablations_markdown(steps, by_name, title))
+        root.write_bytes(f"{OUT}/ablations.png", ablations_png(steps, title))
+        console.print(ablations_markdown(steps, by_name, title))
     summary = {"run_dir": root.uri, "ray": address, "rows": rows, "table": f"{root.uri.rstrip('/')}/{OUT}/table.md",
                "wall_s": round(time.perf_counter() - t0, 1)}
     root.mark_done(OUT, {k: v for k, v in summary.items() if k != "rows"})

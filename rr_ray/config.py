@@ -260,6 +260,9 @@ class ReleaseConfig(_Section):
     retain_source: Literal["curated", "self"] = Field(
         "curated", description="Retain PEM answers: the data set's own, or the base model's answers to the same "
         "prompts that the task's oracle marks correct (code task: the final number matches).")
+    orthogonality: float = Field(
+        0.0, ge=0, description="Weight of O-LoRA's penalty ||A_retain A_forget^T||_F^2 against every earlier forget "
+        "PEM when training a retain PEM (Appendix B, Table 10); 0 = the paper's plain retain PEM.")
     cpus_per_trial: float = Field(1.0, gt=0, description="Ray CPUs per weight-sweep trial.")
     gpus_per_trial: float = Field(0.0, ge=0, description="Ray GPUs per weight-sweep trial.")
 
@@ -301,6 +304,12 @@ class CompareConfig(_Section):
     npo_beta: float = Field(0.1, gt=0, description="npo: beta of the NPO loss.")
     retain_weight: float = Field(
         1.0, ge=0, description="npo, graddiff: weight of the retain rows' NLL beside the forget term.")
+    ablations: list[Literal["forget_rule_60", "orthogonal_retain"]] = Field(
+        default_factory=list, description="Variants of reveal_release run beside it, each with its step table in "
+        "compare/ablations.md: forget_rule_60 = the 60 % forget rule (rules.forget_ratio 0.4, Figure 4); "
+        "orthogonal_retain = retain PEMs trained with O-LoRA's penalty (Appendix B, Table 10).")
+    orthogonality: float = Field(
+        0.5, gt=0, description="orthogonal_retain: the penalty's weight (release.orthogonality of that variant).")
 
     @field_validator("methods")
     @classmethod
@@ -310,6 +319,17 @@ class CompareConfig(_Section):
         if len(set(methods)) != len(methods):
             raise ValueError(f"compare.methods lists a method twice: {methods}")
         return methods
+
+    @model_validator(mode="after")
+    def _ablations_need_ours(self) -> CompareConfig:
+        if self.ablations and "reveal_release" not in self.methods:
+            raise ValueError("compare.ablations are variants of reveal_release: add it to compare.methods")
+        return self
+
+    def ablation_overrides(self, name: str) -> list[str]:
+        """The ``--set`` overrides that make reveal_release the ablation ``name``."""
+        return {"forget_rule_60": ["release.rules.forget_ratio=0.4"],
+                "orthogonal_retain": [f"release.orthogonality={self.orthogonality}"]}[name]
 
 
 class AuditConfig(_Section):
@@ -441,6 +461,8 @@ RESOURCE_FIELDS = frozenset({
 
 # ``rr-ray audit`` reads a finished run and writes only under audit/: its settings never change a run's results.
 AUDIT_PREFIX = "audit."
+# Each compared method runs in its own directory: naming one more (or one less) changes no other one's results.
+LIST_FIELDS = frozenset({"compare.methods", "compare.ablations"})
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -470,7 +492,8 @@ def config_changes(stored_yaml: str, cfg: RRConfig) -> tuple[list[str], list[str
         before = old.get(key, default.get(key)) if key not in old and key in default else old.get(key, "<absent>")
         if before == new.get(key, "<absent>"):
             continue
-        (allowed if key in RESOURCE_FIELDS or key.startswith(AUDIT_PREFIX) else refused).append(key)
+        free = key in RESOURCE_FIELDS or key in LIST_FIELDS or key.startswith(AUDIT_PREFIX)
+        (allowed if free else refused).append(key)
     return refused, allowed
 
 

@@ -140,3 +140,43 @@ def test_a_task_plugin_that_does_not_import_fails_in_one_line(name: str) -> None
 
     with pytest.raises(ValueError, match="task 'rr_ray"):
         get_task(TaskConfig(name=name))
+
+
+def test_ablations_are_reveal_release_variants_with_their_own_overrides(tmp_path: Path) -> None:
+    from rr_ray.compare import entries, method_config
+    from rr_ray.config import ConfigError, load_config
+    from rr_ray.storage import RunDir
+
+    cfg = load_config(None, ["compare.methods=[reveal_release,pem_external]",
+                             "compare.ablations=[forget_rule_60,orthogonal_retain]", "compare.orthogonality=0.25"])
+    runs = entries(cfg)
+    assert list(runs) == ["reveal_release", "pem_external", "forget_rule_60", "orthogonal_retain"]
+    assert runs["forget_rule_60"][0] == runs["orthogonal_retain"][0] == "reveal_release"
+    root = RunDir.open(str(tmp_path / "cmp"))
+    rule = method_config(cfg, root, "forget_rule_60", runs["forget_rule_60"][1])
+    ortho = method_config(cfg, root, "orthogonal_retain", runs["orthogonal_retain"][1])
+    ours = method_config(cfg, root, "reveal_release")
+    assert (rule.release.rules.forget_ratio, ours.release.rules.forget_ratio) == (0.4, 0.1)
+    assert (ortho.release.orthogonality, ours.release.orthogonality) == (0.25, 0.0)
+    assert rule.run.dir.endswith("methods/forget_rule_60")
+    with pytest.raises(ConfigError, match="add it to compare.methods"):
+        load_config(None, ["compare.methods=[pem_external]", "compare.ablations=[forget_rule_60]"])
+
+
+def test_ablation_table_puts_the_steps_side_by_side() -> None:
+    from rr_ray.compare import ablations_markdown, ablations_png
+
+    def rec(i: int, step: str, kind: str, coef: float, s: float, u: float) -> dict:
+        return {"index": i, "step": step, "kind": kind, "coef": coef, "s": s, "u": u, "accepted": True}
+
+    ours = [rec(0, "base", "base", 0, 0.8, 0.5), rec(1, "mu_0", "forget", -4, 0.08, 0.4),
+            rec(2, "lambda_1", "retain", 1, 0.1, 0.45)]
+    rule = [rec(0, "base", "base", 0, 0.8, 0.5), rec(1, "mu_0", "forget", -2, 0.3, 0.48)]
+    rows = {"reveal_release": {"s": 0.1, "u": 0.45, "forget_drop": 0.875, "utility_kept": 0.9},
+            "forget_rule_60": {"s": 0.3, "u": 0.48, "forget_drop": 0.625, "utility_kept": 0.96}}
+    md = ablations_markdown({"reveal_release": ours, "forget_rule_60": rule}, rows, "code")
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert lines[2] == "| 1 | -mu_0 = -4 | 0.100 | 0.800 | -mu_0 = -2 | 0.375 | 0.960 |"
+    assert lines[3].startswith("| 2 | +lambda_1 = +1 | 0.125 | 0.900 | | | |")
+    assert "forget_rule_60 forget 0.3 (62.5 % drop)" in md and "Figure 4" in md
+    assert ablations_png({"reveal_release": ours, "forget_rule_60": rule}, "code")[:4] == b"\x89PNG"

@@ -78,3 +78,28 @@ def test_unlearning_steps_lower_the_forget_likelihood_and_keep_retain(tiny_model
     forget1, retain1 = nlls()
     assert forget1 > forget0 + 0.05  # forget rows became less likely
     assert retain1 < retain0  # the retain rows' NLL is trained down at the same time
+
+
+def test_orthogonality_penalty_is_zero_for_orthogonal_inputs_and_finds_shared_modules(tiny_model_dir: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rr_ray.models.loader import load_model
+    from rr_ray.release.objectives import orthogonal_a, orthogonality_penalty
+
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    q0 = "model.layers.0.self_attn.q_proj"
+    prev = {q0: torch.randn(3, 32), "model.layers.0.self_attn.v_proj": torch.randn(3, 32)}
+    pairs = orthogonal_a(model, prev)
+    assert len(pairs) == 1 and pairs[0][0].shape == (2, 32)
+    a_new = pairs[0][0]
+    expect = float((a_new.detach() @ prev[q0].T).pow(2).sum())
+    assert float(orthogonality_penalty(pairs)) == pytest.approx(expect, rel=1e-5)
+    with torch.no_grad():
+        a_new.zero_()
+        a_new[:, :16] = torch.randn(2, 16)
+    ortho = {q0: torch.cat([torch.zeros(3, 16), torch.randn(3, 16)], dim=1)}
+    assert float(orthogonality_penalty(orthogonal_a(model, ortho))) == 0.0
+    loss = orthogonality_penalty(orthogonal_a(model, prev))
+    loss.backward()
+    assert a_new.grad is not None and float(a_new.grad.abs().sum()) > 0

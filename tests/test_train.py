@@ -143,3 +143,30 @@ def test_deepspeed_strategy_on_gpu(tiny_model_dir: Path, tmp_path: Path, ray_loc
                     storage_uri=str(tmp_path / "ray-train"), lora=LoraConfig(r=4, alpha=8),
                     train=TrainConfig(strategy="deepspeed", use_gpu=True, num_workers=1, epochs=2, batch_size=4))
     assert res.steps == 2 and res.losses[-1] < res.losses[0]
+
+
+def _a_overlap(adapter: Path, previous: Path) -> float:
+    """sum over shared modules of ||A_new A_prev^T||_F^2 (what O-LoRA's penalty drives down)."""
+    from rr_ray.release.pem import read_lora
+
+    new, prev = read_lora(adapter).modules, read_lora(previous).modules
+    return sum(float((new[m][0] @ prev[m][0].T).pow(2).sum()) for m in set(new) & set(prev))
+
+
+def test_orthogonality_penalty_moves_the_retain_pem_off_the_forget_subspace(tiny_model_dir: Path, tmp_path: Path,
+                                                                           ray_local) -> None:
+    forget = _train(tmp_path, "forget", epochs=2, model_dir=str(tiny_model_dir))
+    plain = _train(tmp_path, "retain-plain", epochs=3, model_dir=str(tiny_model_dir))
+    ortho = _train(tmp_path, "retain-ortho", epochs=3, model_dir=str(tiny_model_dir),
+                   orthogonal_to=[str(forget.adapter_dir)], orthogonality=10.0)
+    # Both retain PEMs start from the same seed, so the same initial A: only the penalty tells them apart.
+    assert _a_overlap(ortho.adapter_dir, forget.adapter_dir) < 0.5 * _a_overlap(plain.adapter_dir, forget.adapter_dir)
+    assert ortho.losses[-1] < ortho.losses[0]  # it still learns its rows
+
+
+def test_rows_truncated_to_nothing_are_one_clear_error(tiny_model_dir: Path, tmp_path: Path, ray_local) -> None:
+    long = [{"prompt": "word " * 200, "response": "yes"}]
+    with pytest.raises(Exception, match="keeps a response token within release.train.max_length=64"):
+        train_pem(model_dir=str(tiny_model_dir), rows=long, out_dir=tmp_path / "a", name="empty",
+                  storage_uri=str(tmp_path / "ray-train"), lora=LoraConfig(r=4, alpha=8),
+                  train=TrainConfig(num_workers=1, epochs=1, batch_size=1, max_length=64, max_failures=0), seed=0)

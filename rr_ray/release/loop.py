@@ -139,7 +139,11 @@ def run_step(cfg: RRConfig, run: RunDir, index: int, step: str, kind: str, log: 
     current = _uri(run, f"release/{history[-1]['step']}/composed") if log.edits else None
     console.print(f"[bold]release {step}[/]: training the {kind} PEM on {len(rows)} rows "
                   f"({cfg.release.train.num_workers} Ray Train worker(s), {cfg.release.train.strategy})")
-    train_info = train_step(cfg, run, step, rows, current)
+    extra: dict[str, Any] = {}
+    if kind == "retain" and cfg.release.orthogonality > 0:
+        extra = {"orthogonality": cfg.release.orthogonality,
+                 "orthogonal_to": [_uri(run, e.adapter) for e in log.edits if e.kind == "forget"]}
+    train_info = train_step(cfg, run, step, rows, current, **extra)
     t1 = time.perf_counter()
     weights = cfg.release.forget_weights if kind == "forget" else cfg.release.retain_weights
     coefs = [-w for w in weights] if kind == "forget" else list(weights)

@@ -54,3 +54,23 @@ def objective_loss(forward: Any, inner: Any, batch: dict[str, Any], objective: s
         log_ratio = ref_nll - nll  # log pi_theta(y|x) - log pi_ref(y|x), summed over the response tokens
         forget_term = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)
     return torch.where(forget, forget_term, retain_term).mean()
+
+
+def orthogonal_a(peft_model: Any, previous: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """(trainable lora_A, previous PEM's A) pairs of the modules both adapt; ``previous``: module path -> A
+    (``pem.read_lora(...).modules`` of each earlier forget PEM, their A blocks stacked by row)."""
+    pairs = []
+    for name, param in peft_model.named_parameters():
+        if not (param.requires_grad and name.endswith(".lora_A.default.weight")):
+            continue
+        path = name.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+        if path in previous:
+            pairs.append((param, previous[path].to(param.device, param.dtype)))
+    return pairs
+
+
+def orthogonality_penalty(pairs: list[tuple[Any, Any]]) -> Any:
+    """O-LoRA's regulariser (Wang et al. 2023), as the paper's Appendix B applies it to the retain PEM:
+    sum over modules of ||A_new A_prev^T||_F^2, zero when the new PEM reads inputs in a subspace orthogonal to
+    the one every earlier forget PEM reads."""
+    return sum((a_new @ a_prev.T).pow(2).sum() for a_new, a_prev in pairs)

@@ -70,6 +70,19 @@ def _collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "forget": forget}
 
 
+def _stacked_a(adapters: list[str], endpoint_url: str | None) -> dict[str, Any]:
+    """Module path -> the A blocks of every adapter in ``adapters`` stacked by row (float32)."""
+    import torch
+
+    from rr_ray.release.pem import read_lora
+
+    blocks: dict[str, list[Any]] = {}
+    for uri in adapters:
+        for name, (a, _, _) in read_lora(localize(uri, endpoint_url=endpoint_url)).modules.items():
+            blocks.setdefault(name, []).append(a.float())
+    return {name: torch.cat(parts, dim=0) for name, parts in blocks.items()}
+
+
 def build_trainable(model_dir: str, base_adapter: str | None, lora: LoraConfig, dtype: str) -> Any:
     """Base + current edit log (frozen) with a fresh trainable LoRA.
 
@@ -121,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from rr_ray.models.loader import load_tokenizer, resolve_dtype, resolve_model
-    from rr_ray.release.objectives import objective_loss
+    from rr_ray.release.objectives import objective_loss, orthogonal_a, orthogonality_penalty
 
     train = TrainConfig.model_validate(config["train"])
     lora = LoraConfig.model_validate(config["lora"])
@@ -143,6 +156,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          f"release.train.max_length={train.max_length}: raise it")
     model = build_trainable(model_dir, base_adapter, lora, config["dtype"])
     params = [p for p in model.parameters() if p.requires_grad]
+    ortho_weight, ortho_pairs = float(config.get("orthogonality", 0.0)), []
+    if ortho_weight > 0 and config.get("orthogonal_to"):
+        ortho_pairs = orthogonal_a(model, _stacked_a(config["orthogonal_to"], config.get("endpoint_url")))
 
     start_epoch, losses, resumes = 0, [], 0
     checkpoint = ray.train.get_checkpoint()
@@ -181,6 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             inner = model.module if hasattr(model, "module") else model
             loss = objective_loss(model if step_fn is None else step_fn, inner, batch, config.get("objective", "nll"),
                                   **config.get("objective_args", {}))
+            if ortho_pairs:
+                loss = loss + ortho_weight * orthogonality_penalty(ortho_pairs)
             if step_fn is not None:
                 step_fn.backward(loss)
                 step_fn.step()
@@ -210,12 +228,13 @@ def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path
               storage_uri: str, lora: LoraConfig, train: TrainConfig, base_adapter: str | None = None,
               dtype: str = "float32", seed: int = 0, endpoint_url: str | None = None,
               cache_dir: str | None = None, objective: str = "nll", objective_args: dict[str, float] | None = None,
-              loop: Any = None) -> TrainResult:
+              loop: Any = None, orthogonal_to: list[str] | None = None, orthogonality: float = 0.0) -> TrainResult:
     """Train one PEM with Ray Train and copy its adapter to ``out_dir``; Ray must be initialised.
 
     ``model_dir`` is any model reference ``resolve_model`` takes and ``base_adapter`` (the composed edit log)
     a local path or s3:// URI, so that workers on any node can load them. ``objective`` (``objectives.py``)
     is the loss; ``loop`` another worker loop with the same checkpoint layout (the DPO baseline's).
+    ``orthogonality`` > 0 adds O-LoRA's penalty against the A matrices of the adapters in ``orthogonal_to``.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -232,7 +251,8 @@ def train_pem(*, model_dir: str, rows: list[dict[str, str]], out_dir: str | Path
     config = {"train": train.model_dump(), "lora": lora.model_dump(), "rows": rows, "model_dir": str(model_dir),
               "base_adapter": base_adapter, "dtype": dtype, "seed": seed, "threads": train.cpus_per_worker,
               "endpoint_url": endpoint_url, "cache_dir": cache_dir, "objective": objective,
-              "objective_args": objective_args or {}}
+              "objective_args": objective_args or {}, "orthogonal_to": list(orthogonal_to or []),
+              "orthogonality": orthogonality}
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": 1} if train.use_gpu else {})
     trainer = TorchTrainer(
         loop or train_loop_per_worker,
