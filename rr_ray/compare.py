@@ -221,10 +221,10 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     if cfg.compare.ablations:
         steps = {name: RunDir.open(method_dir(root, name), endpoint_url=cfg.run.s3_endpoint_url)
                  .read_json("release/steps.json") for name in ("reveal_release", *cfg.compare.ablations)}
-        by_name = {r["method"]: r for r in rows}
-        root.write_text(f"{OUT}/ablations.md", ablations_markdown(steps, by_name, title))
+        ablations = ablations_markdown(steps, {r["method"]: r for r in rows}, title)
+        root.write_text(f"{OUT}/ablations.md", ablations)
         root.write_bytes(f"{OUT}/ablations.png", ablations_png(steps, title))
-        console.print(ablations_markdown(steps, by_name, title))
+        console.print(ablations)
     summary = {"run_dir": root.uri, "ray": address, "rows": rows, "table": f"{root.uri.rstrip('/')}/{OUT}/table.md",
                "wall_s": round(time.perf_counter() - t0, 1)}
     root.mark_done(OUT, {k: v for k, v in summary.items() if k != "rows"})
