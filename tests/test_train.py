@@ -164,9 +164,19 @@ def test_orthogonality_penalty_moves_the_retain_pem_off_the_forget_subspace(tiny
     assert ortho.losses[-1] < ortho.losses[0]  # it still learns its rows
 
 
-def test_rows_truncated_to_nothing_are_one_clear_error(tiny_model_dir: Path, tmp_path: Path, ray_local) -> None:
-    long = [{"prompt": "word " * 200, "response": "yes"}]
-    with pytest.raises(Exception, match="keeps a response token within release.train.max_length=64"):
-        train_pem(model_dir=str(tiny_model_dir), rows=long, out_dir=tmp_path / "a", name="empty",
-                  storage_uri=str(tmp_path / "ray-train"), lora=LoraConfig(r=4, alpha=8),
-                  train=TrainConfig(num_workers=1, epochs=1, batch_size=1, max_length=64, max_failures=0), seed=0)
+def test_a_long_prompt_loses_its_start_not_the_response(tiny_model_dir: Path) -> None:
+    from rr_ray.models.loader import apply_chat, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    rows = [{"prompt": "first " + "word " * 200 + "last", "response": "yes indeed"},
+            {"prompt": "short", "response": "long " * 200}]
+    long_prompt, long_response = tokenize_rows(tok, rows, max_length=128)
+    answer = tok("yes indeed", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(long_prompt["input_ids"]) == 128 and long_prompt["input_ids"][-len(answer):] == answer
+    assert [t for t in long_prompt["labels"] if t != -100] == answer  # the whole response is learned
+    prompt_tail = tok.decode(long_prompt["input_ids"][:-len(answer)])
+    assert "last" in prompt_tail and "first" not in prompt_tail
+    short = tok(apply_chat(tok, "short"), add_special_tokens=False)["input_ids"]
+    assert len(long_response["input_ids"]) == 128 and long_response["input_ids"][:len(short)] == short
+    assert all(t == -100 for t in long_response["labels"][:len(short)])
+    assert all(t != -100 for t in long_response["labels"][len(short):])

@@ -12,6 +12,7 @@ Ray Train V2 reloads the run's checkpoint snapshot from ``storage_path`` when th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -26,6 +27,7 @@ from rr_ray.config import LoraConfig, TrainConfig
 from rr_ray.storage import arrow_storage, localize
 
 STATE_FILE = "train_state.pt"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,25 @@ class TrainResult:
 
 def tokenize_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[dict[str, Any]]:
     """Chat-rendered prompt + response + EOS; labels mask the prompt so only response tokens are learned.
-    ``forget`` is 0 for rows of ``kind: retain`` (the two-sided objectives of ``objectives.py``), else 1."""
+    ``forget`` is 0 for rows of ``kind: retain`` (the two-sided objectives of ``objectives.py``), else 1.
+
+    Over ``max_length``, the response keeps up to all but half the budget and the prompt loses its start:
+    cutting from the right would drop the response of a long-prompt row, which then trains nothing."""
     from rr_ray.models.loader import apply_chat
 
-    out = []
+    out, cut = [], 0
     for row in rows:
         ctx = tokenizer(apply_chat(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
         tgt = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (ctx + tgt)[:max_length]
-        labels = ([-100] * len(ctx) + tgt)[:max_length]
-        if any(label != -100 for label in labels):
-            out.append({"input_ids": ids, "labels": labels, "forget": int(row.get("kind") != "retain")})
+        if len(ctx) + len(tgt) > max_length:
+            cut += 1
+            tgt = tgt[:max_length - min(len(ctx), max_length // 2)]
+            ctx = ctx[len(ctx) - (max_length - len(tgt)):]
+        out.append({"input_ids": ctx + tgt, "labels": [-100] * len(ctx) + tgt,
+                    "forget": int(row.get("kind") != "retain")})
+    if cut:
+        logger.warning("%d of %d training rows exceed max_length=%d tokens: their prompts lose their start",
+                       cut, len(rows), max_length)
     return out
 
 
@@ -151,9 +161,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         base_adapter = str(localize(base_adapter, endpoint_url=config.get("endpoint_url")))
     tokenizer = load_tokenizer(model_dir, padding_side="right")
     rows = tokenize_rows(tokenizer, config["rows"], train.max_length)
-    if not rows:  # else every step would average a loss over no tokens and train nothing, silently
-        raise ValueError(f"none of the {len(config['rows'])} training rows keeps a response token within "
-                         f"release.train.max_length={train.max_length}: raise it")
     model = build_trainable(model_dir, base_adapter, lora, config["dtype"])
     params = [p for p in model.parameters() if p.requires_grad]
     ortho_weight, ortho_pairs = float(config.get("orthogonality", 0.0)), []
