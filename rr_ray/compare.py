@@ -18,7 +18,9 @@ import ray
 from rich.table import Table
 
 from rr_ray import cluster
+from rr_ray import matched_forget
 from rr_ray.config import RRConfig, config_from_text
+from rr_ray.matched_forget import pct
 from rr_ray.pipeline import console, evaluate_models, open_run
 from rr_ray.storage import RunDir
 
@@ -34,7 +36,7 @@ def method_dir(root: RunDir, name: str) -> str:
 def entries(cfg: RRConfig) -> dict[str, tuple[str, list[str]]]:
     """Table row name -> (method, extra overrides): every method, then every ablation of reveal_release."""
     out = {name: (name, []) for name in cfg.compare.methods}
-    out |= {name: ("reveal_release", cfg.compare.ablation_overrides(name)) for name in cfg.compare.ablations}
+    out |= {name: ("reveal_release", cfg.compare.ablation_overrides(name)) for name in cfg.compare.variants()}
     return out
 
 
@@ -70,10 +72,6 @@ def _row(name: str, result: dict[str, Any], base: dict[str, Any], seconds: float
     return row
 
 
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.1f} %"
-
-
 def _secs(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}"
 
@@ -84,8 +82,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             "| wall s |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['s']:.4g} | {_pct(r['forget_drop'])} | {r['u']:.4g} | "
-                     f"{_pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
+        lines.append(f"| {r['method']} | {r['s']:.4g} | {pct(r['forget_drop'])} | {r['u']:.4g} | "
+                     f"{pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
                      f"{_secs(r['seconds'])} |")
     return "\n".join(lines) + "\n"
 
@@ -96,7 +94,7 @@ def table_rich(rows: list[dict[str, Any]], title: str) -> Table:
                 "s proxy", "u proxy", "wall s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['s']:.4g}", _pct(r["forget_drop"]), f"{r['u']:.4g}", _pct(r["utility_kept"]),
+        table.add_row(r["method"], f"{r['s']:.4g}", pct(r["forget_drop"]), f"{r['u']:.4g}", pct(r["utility_kept"]),
                       f"{r['s_proxy']:.4g}", f"{r['u_proxy']:.4g}", _secs(r["seconds"]))
     return table
 
@@ -151,9 +149,9 @@ def ablations_markdown(steps: dict[str, list[dict[str, Any]]], rows: dict[str, d
         for i in range(max(len(ours), len(history))):
             out.append(f"| {i} " + cells(ours, i) + cells(history, i) + "|")
         a, b = rows["reveal_release"], rows[name]
-        out.append(f"\nTest halves: reveal_release forget {a['s']:.4g} ({_pct(a['forget_drop'])} drop), utility "
-                   f"{a['u']:.4g} ({_pct(a['utility_kept'])} kept); {name} forget {b['s']:.4g} "
-                   f"({_pct(b['forget_drop'])} drop), utility {b['u']:.4g} ({_pct(b['utility_kept'])} kept).\n")
+        out.append(f"\nTest halves: reveal_release forget {a['s']:.4g} ({pct(a['forget_drop'])} drop), utility "
+                   f"{a['u']:.4g} ({pct(a['utility_kept'])} kept); {name} forget {b['s']:.4g} "
+                   f"({pct(b['forget_drop'])} drop), utility {b['u']:.4g} ({pct(b['utility_kept'])} kept).\n")
     return "\n".join(out) + "\n"
 
 
@@ -183,6 +181,24 @@ def ablations_png(steps: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     return buf.getvalue()
 
 
+def _matched_edits(cfg: RRConfig, root: RunDir) -> tuple[float, list[Any], dict[str, str]]:
+    """Tables 5-6: the internal (reveal_release) and external (pem_external) mu_0 PEMs, each at the weight that
+    reaches the common forget level on the validation halves, composed in its method's run directory.
+    Returns the target, the matched points and model name -> adapter URI for the test-half evaluation."""
+    from rr_ray.release.loop import single_edit
+
+    runs = {side: RunDir.open(method_dir(root, method), endpoint_url=cfg.run.s3_endpoint_url)
+            for side, method in matched_forget.SIDES.items()}
+    target, points = matched_forget.matched_points(runs)
+    edits = {}
+    for p in points:
+        rel = f"release/{matched_forget.STEP}/matched"
+        cfg_side = method_config(cfg, root, matched_forget.SIDES[p.side])
+        edits[f"{p.side}_matched"] = single_edit(cfg_side, runs[p.side], matched_forget.STEP, p.coef, "forget", rel)
+        console.print(f"compare: {p.side} forget data, mu_0 weight {p.coef:+.3g} for s / s_base = {target:.3f}")
+    return target, points, edits
+
+
 def run_compare(cfg: RRConfig) -> dict[str, Any]:
     """Run every method of ``cfg.compare.methods`` (in parallel Ray tasks), evaluate them and the base on the
     test halves, and write ``compare/``. Finished methods and evaluation parts are skipped on a rerun."""
@@ -209,7 +225,8 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
         console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
     console.rule("[bold]compare[/]: every method and the base on the same test halves")
     models = {"base": None, **{name: done[name]["adapter"] for name in runs}}
-    results = evaluate_models(cfg, root, models, prefix=f"{OUT}/eval")
+    matched = _matched_edits(cfg, root) if "internal_vs_external" in cfg.compare.ablations else None
+    results = evaluate_models(cfg, root, models | (matched[2] if matched else {}), prefix=f"{OUT}/eval")
     rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"])
             for name in models]
     title = f"{cfg.task.name}: {cfg.model.name_or_path}, test halves"
@@ -218,9 +235,17 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     root.write_json(f"{OUT}/table.json", {"rows": rows, "methods": done})
     root.write_bytes(f"{OUT}/scatter.png", scatter_png(rows, title))
     console.print(table_rich(rows, title))
-    if cfg.compare.ablations:
+    if matched:
+        target, points, edits = matched
+        sides = {p.side: _row(p.side, results[name], results["base"], None) for p, name in zip(points, edits)}
+        sizes = {side: done[method]["info"].get("forget_rows") for side, method in matched_forget.SIDES.items()}
+        text = matched_forget.markdown(target, points, sides, sizes, title)
+        root.write_text(f"{OUT}/internal_vs_external.md", text)
+        root.write_json(f"{OUT}/internal_vs_external.json", {**matched_forget.to_json(target, points), "rows": sides})
+        console.print(text)
+    if cfg.compare.variants():
         steps = {name: RunDir.open(method_dir(root, name), endpoint_url=cfg.run.s3_endpoint_url)
-                 .read_json("release/steps.json") for name in ("reveal_release", *cfg.compare.ablations)}
+                 .read_json("release/steps.json") for name in ("reveal_release", *cfg.compare.variants())}
         ablations = ablations_markdown(steps, {r["method"]: r for r in rows}, title)
         root.write_text(f"{OUT}/ablations.md", ablations)
         root.write_bytes(f"{OUT}/ablations.png", ablations_png(steps, title))

@@ -304,10 +304,12 @@ class CompareConfig(_Section):
     npo_beta: float = Field(0.1, gt=0, description="npo: beta of the NPO loss.")
     retain_weight: float = Field(
         1.0, ge=0, description="npo, graddiff: weight of the retain rows' NLL beside the forget term.")
-    ablations: list[Literal["forget_rule_60", "orthogonal_retain"]] = Field(
-        default_factory=list, description="Variants of reveal_release run beside it, each with its step table in "
-        "compare/ablations.md: forget_rule_60 = the 60 % forget rule (rules.forget_ratio 0.4, Figure 4); "
-        "orthogonal_retain = retain PEMs trained with O-LoRA's penalty (Appendix B, Table 10).")
+    ablations: list[Literal["forget_rule_60", "orthogonal_retain", "internal_vs_external"]] = Field(
+        default_factory=list, description="Ablations, each with its table: forget_rule_60 = reveal_release with the "
+        "60 % forget rule (rules.forget_ratio 0.4, Figure 4) and orthogonal_retain = with O-LoRA's penalty on the "
+        "retain PEMs (Appendix B, Table 10), each run beside it (compare/ablations.md); internal_vs_external = "
+        "reveal_release's mu_0 and pem_external (needs both) at the same forget level, utility on the test halves "
+        "(Tables 5-6, compare/internal_vs_external.md).")
     orthogonality: float = Field(
         0.5, gt=0, description="orthogonal_retain: the penalty's weight (release.orthogonality of that variant).")
 
@@ -323,8 +325,15 @@ class CompareConfig(_Section):
     @model_validator(mode="after")
     def _ablations_need_ours(self) -> CompareConfig:
         if self.ablations and "reveal_release" not in self.methods:
-            raise ValueError("compare.ablations are variants of reveal_release: add it to compare.methods")
+            raise ValueError("compare.ablations are ablations of reveal_release: add it to compare.methods")
+        if "internal_vs_external" in self.ablations and "pem_external" not in self.methods:
+            raise ValueError("compare.ablations internal_vs_external compares with pem_external: add it to "
+                             "compare.methods")
         return self
+
+    def variants(self) -> list[str]:
+        """The ablations that are runs of their own (reveal_release with overrides)."""
+        return [name for name in self.ablations if name != "internal_vs_external"]
 
     def ablation_overrides(self, name: str) -> list[str]:
         """The ``--set`` overrides that make reveal_release the ablation ``name``."""

@@ -46,8 +46,9 @@ def _config(tmp_path: Path, model_dir: Path) -> Path:
     cfg["generation"].update(num_actors=1, dtype="float32")
     cfg["release"].update(iterations=0, forget_weights=[4.0])
     cfg["release"]["train"]["max_length"] = 384  # HumanEval prompts: dpo's pairs need the whole prompt
-    cfg["compare"] = {"methods": ["pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs"],
-                      "external_rows": 4, "preference_rows": 3}
+    cfg["compare"] = {"methods": ["reveal_release", "pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs"],
+                      "external_rows": 4, "preference_rows": 3,
+                      "ablations": ["forget_rule_60", "internal_vs_external"]}
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -69,8 +70,8 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert first.returncode == 0, first.stderr[-4000:]
     root = tmp_path / "cmp"
     summary = json.loads(first.stdout.strip().splitlines()[-1])
-    assert [r["method"] for r in summary["rows"]] == ["base", "pem_external", "ext_sub", "dpo", "npo",
-                                                      "user_methods:LeaveAsIs"]
+    assert [r["method"] for r in summary["rows"]] == ["base", "reveal_release", "pem_external", "ext_sub", "dpo",
+                                                      "npo", "user_methods:LeaveAsIs", "forget_rule_60"]
     rows = {r["method"]: r for r in summary["rows"]}
 
     # pem_external: one forget PEM on the task's external rows (pool problems, never evaluation items)
@@ -111,11 +112,25 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     # every row was measured on the same test-half items
     assert len({(r["forget_items"], r["utility_items"]) for r in summary["rows"]}) == 1
     methods = json.loads((root / "compare/table.json").read_text())["methods"]
-    assert set(methods) == {"pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs"}
+    assert set(methods) == {"reveal_release", "pem_external", "ext_sub", "dpo", "npo", "user_methods:LeaveAsIs",
+                            "forget_rule_60"}
     assert methods["pem_external"]["seconds"] > 0
     assert (root / "compare/scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "compare/table.md").read_text()
     assert "| pem_external |" in md and "| base |" in md
+
+    # ablations: the 60 % rule ran as its own reveal_release; internal vs external matched on one forget level
+    assert yaml.safe_load((root / "methods/forget_rule_60/run.yaml").read_text())["release"]["rules"][
+        "forget_ratio"] == 0.4
+    assert "## forget_rule_60" in (root / "compare/ablations.md").read_text()
+    matched = json.loads((root / "compare/internal_vs_external.json").read_text())
+    assert [p["side"] for p in matched["points"]] == ["internal", "external"]
+    assert all(p["s_ratio"] == matched["target_s_ratio"] and p["coef"] <= 0 for p in matched["points"])
+    for side in ("internal", "external"):
+        assert (root / f"compare/eval/{side}_matched.json").is_file()
+        assert matched["rows"][side]["forget_items"] == rows["base"]["forget_items"]
+    assert (root / "methods/reveal_release/release/mu_0/matched/adapter_config.json").is_file()
+    assert "| internal (reveal_release) |" in (root / "compare/internal_vs_external.md").read_text()
 
     again = _compare(cfg, plugins)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -17,10 +17,10 @@ from rr_ray.release.train import tokenize_rows, train_pem
 ROWS = [{"prompt": f"Say the colour number {i}.", "response": f"The colour is blue {i % 3}."} for i in range(16)]
 
 
-def _train(tmp: Path, name: str, epochs: int, **kw) -> object:
+def _train(tmp: Path, name: str, epochs: int, workers: int = 2, **kw) -> object:
     return train_pem(model_dir=kw.pop("model_dir"), rows=ROWS, out_dir=tmp / f"{name}-adapter", name=name,
                      storage_uri=str(tmp / "ray-train"), lora=LoraConfig(r=4, alpha=8),
-                     train=TrainConfig(num_workers=2, epochs=epochs, batch_size=4, lr=5e-3, max_length=64),
+                     train=TrainConfig(num_workers=workers, epochs=epochs, batch_size=4, lr=5e-3, max_length=64),
                      seed=0, **kw)
 
 
@@ -155,9 +155,10 @@ def _a_overlap(adapter: Path, previous: Path) -> float:
 
 def test_orthogonality_penalty_moves_the_retain_pem_off_the_forget_subspace(tiny_model_dir: Path, tmp_path: Path,
                                                                            ray_local) -> None:
-    forget = _train(tmp_path, "forget", epochs=2, model_dir=str(tiny_model_dir))
-    plain = _train(tmp_path, "retain-plain", epochs=3, model_dir=str(tiny_model_dir))
-    ortho = _train(tmp_path, "retain-ortho", epochs=3, model_dir=str(tiny_model_dir),
+    # One worker each: the penalty is per worker, and DDP is covered by test_train_two_ddp_workers.
+    forget = _train(tmp_path, "forget", epochs=2, workers=1, model_dir=str(tiny_model_dir))
+    plain = _train(tmp_path, "retain-plain", epochs=3, workers=1, model_dir=str(tiny_model_dir))
+    ortho = _train(tmp_path, "retain-ortho", epochs=3, workers=1, model_dir=str(tiny_model_dir),
                    orthogonal_to=[str(forget.adapter_dir)], orthogonality=10.0)
     # Both retain PEMs start from the same seed, so the same initial A: only the penalty tells them apart.
     assert _a_overlap(ortho.adapter_dir, forget.adapter_dir) < 0.5 * _a_overlap(plain.adapter_dir, forget.adapter_dir)

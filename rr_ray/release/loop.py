@@ -299,11 +299,13 @@ def base_answers(cfg: RRConfig, prompts: list[str]) -> list[str]:
     return ray.get(remote.remote(cfg.to_yaml(), prompts))
 
 
-def single_edit(cfg: RRConfig, run: RunDir, step: str, coef: float, kind: str) -> str:
-    """release/<step>/adapter applied once with ``coef``, composed into release/composed; returns its URI."""
+def single_edit(cfg: RRConfig, run: RunDir, step: str, coef: float, kind: str, rel: str = FINAL_ADAPTER) -> str:
+    """release/<step>/adapter applied once with ``coef`` on the base, composed into ``rel``; returns its URI.
+    Into the run's final adapter (the default) it becomes the run's edit log too."""
     log = EditLog(cfg.model.name_or_path).then(Edit(adapter=f"release/{step}/adapter", coef=coef, kind=kind, step=step))
-    run.write_json(EDIT_LOG, log.to_json())
-    return _compose_to_run(log, run, FINAL_ADAPTER, cfg.run.s3_endpoint_url)
+    if rel == FINAL_ADAPTER:
+        run.write_json(EDIT_LOG, log.to_json())
+    return _compose_to_run(log, run, rel, cfg.run.s3_endpoint_url)
 
 
 SELF_RETAIN_MAX_ASKED = 5  # x retain_rows: a model right on 1 in 5 retain prompts still fills the set
