@@ -20,7 +20,6 @@ from rich.table import Table
 from rr_ray import cluster
 from rr_ray import matched_forget
 from rr_ray.config import RRConfig, config_from_text
-from rr_ray.matched_forget import pct
 from rr_ray.pipeline import console, evaluate_models, open_run
 from rr_ray.storage import RunDir
 
@@ -72,6 +71,10 @@ def _row(name: str, result: dict[str, Any], base: dict[str, Any], seconds: float
     return row
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f} %"
+
+
 def _secs(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}"
 
@@ -82,8 +85,8 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
             "| wall s |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['s']:.4g} | {pct(r['forget_drop'])} | {r['u']:.4g} | "
-                     f"{pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
+        lines.append(f"| {r['method']} | {r['s']:.4g} | {_pct(r['forget_drop'])} | {r['u']:.4g} | "
+                     f"{_pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
                      f"{_secs(r['seconds'])} |")
     return "\n".join(lines) + "\n"
 
@@ -94,7 +97,7 @@ def table_rich(rows: list[dict[str, Any]], title: str) -> Table:
                 "s proxy", "u proxy", "wall s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['s']:.4g}", pct(r["forget_drop"]), f"{r['u']:.4g}", pct(r["utility_kept"]),
+        table.add_row(r["method"], f"{r['s']:.4g}", _pct(r["forget_drop"]), f"{r['u']:.4g}", _pct(r["utility_kept"]),
                       f"{r['s_proxy']:.4g}", f"{r['u_proxy']:.4g}", _secs(r["seconds"]))
     return table
 
@@ -149,9 +152,9 @@ def ablations_markdown(steps: dict[str, list[dict[str, Any]]], rows: dict[str, d
         for i in range(max(len(ours), len(history))):
             out.append(f"| {i} " + cells(ours, i) + cells(history, i) + "|")
         a, b = rows["reveal_release"], rows[name]
-        out.append(f"\nTest halves: reveal_release forget {a['s']:.4g} ({pct(a['forget_drop'])} drop), utility "
-                   f"{a['u']:.4g} ({pct(a['utility_kept'])} kept); {name} forget {b['s']:.4g} "
-                   f"({pct(b['forget_drop'])} drop), utility {b['u']:.4g} ({pct(b['utility_kept'])} kept).\n")
+        out.append(f"\nTest halves: reveal_release forget {a['s']:.4g} ({_pct(a['forget_drop'])} drop), utility "
+                   f"{a['u']:.4g} ({_pct(a['utility_kept'])} kept); {name} forget {b['s']:.4g} "
+                   f"({_pct(b['forget_drop'])} drop), utility {b['u']:.4g} ({_pct(b['utility_kept'])} kept).\n")
     return "\n".join(out) + "\n"
 
 
@@ -181,7 +184,28 @@ def ablations_png(steps: dict[str, list[dict[str, Any]]], title: str) -> bytes:
     return buf.getvalue()
 
 
-def _matched_edits(cfg: RRConfig, root: RunDir) -> tuple[float, list[Any], dict[str, str]]:
+def matched_markdown(target: float, points: list[matched_forget.MatchedPoint], rows: dict[str, dict[str, Any]],
+             data_sizes: dict[str, int | None], title: str) -> str:
+    """The Tables 5-6 shaped table; ``rows``: side -> the compare row of its matched edit on the test halves."""
+    lines = [f"# Internal vs external forget data at matched forget quality: {title}\n",
+             f"Matched on the validation halves at s / s_base = {target:.3f}, the deepest forget level both mu_0 "
+             "sweeps reach; each weight is interpolated between its two bracketing sweep points, then the edit is "
+             "measured on the test halves." + (" No sweep point of one side lowered s: both are matched at no "
+                                                 "forgetting, so this table says nothing here." if target >= 1 else "")
+             + "\n",
+             f"| forget data | rows | weight on mu_0 | between | forget: {next(iter(rows.values()))['s_metric']} "
+             f"| forget drop | utility: {next(iter(rows.values()))['u_metric']} | utility kept |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for p in points:
+        r = rows[p.side]
+        lines.append(f"| {p.side} ({matched_forget.SIDES[p.side]}) | {data_sizes.get(p.side) or '—'} | "
+                     f"{p.coef:+.3g} | {p.bracket[0]:+g} .. {p.bracket[1]:+g} | {r['s']:.4g} | {_pct(r['forget_drop'])} | "
+                     f"{r['u']:.4g} | {_pct(r['utility_kept'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _matched_edits(cfg: RRConfig, root: RunDir
+                   ) -> tuple[float, list[matched_forget.MatchedPoint], dict[str, str]]:
     """Tables 5-6: the internal (reveal_release) and external (pem_external) mu_0 PEMs, each at the weight that
     reaches the common forget level on the validation halves, composed in its method's run directory.
     Returns the target, the matched points and model name -> adapter URI for the test-half evaluation."""
@@ -190,11 +214,9 @@ def _matched_edits(cfg: RRConfig, root: RunDir) -> tuple[float, list[Any], dict[
     runs = {side: RunDir.open(method_dir(root, method), endpoint_url=cfg.run.s3_endpoint_url)
             for side, method in matched_forget.SIDES.items()}
     target, points = matched_forget.matched_points(runs)
-    edits = {}
+    edits, rel = {}, f"release/{matched_forget.STEP}/matched"
     for p in points:
-        rel = f"release/{matched_forget.STEP}/matched"
-        cfg_side = method_config(cfg, root, matched_forget.SIDES[p.side])
-        edits[f"{p.side}_matched"] = single_edit(cfg_side, runs[p.side], matched_forget.STEP, p.coef, "forget", rel)
+        edits[f"{p.side}_matched"] = single_edit(cfg, runs[p.side], matched_forget.STEP, p.coef, "forget", rel)
         console.print(f"compare: {p.side} forget data, mu_0 weight {p.coef:+.3g} for s / s_base = {target:.3f}")
     return target, points, edits
 
@@ -239,7 +261,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
         target, points, edits = matched
         sides = {p.side: _row(p.side, results[name], results["base"], None) for p, name in zip(points, edits)}
         sizes = {side: done[method]["info"].get("forget_rows") for side, method in matched_forget.SIDES.items()}
-        text = matched_forget.markdown(target, points, sides, sizes, title)
+        text = matched_markdown(target, points, sides, sizes, title)
         root.write_text(f"{OUT}/internal_vs_external.md", text)
         root.write_json(f"{OUT}/internal_vs_external.json", {**matched_forget.to_json(target, points), "rows": sides})
         console.print(text)

@@ -47,8 +47,7 @@ def crossing(curve: list[tuple[float, float]], target: float, side: str) -> Matc
         return MatchedPoint(side, 0.0, target, (curve[0][0], curve[0][0]))
     for (c0, r0), (c1, r1) in zip(curve, curve[1:]):
         if r1 <= target:
-            frac = 1.0 if r0 == r1 else (r0 - target) / (r0 - r1)
-            frac = min(max(frac, 0.0), 1.0)
+            frac = (r0 - target) / (r0 - r1)  # r0 > target >= r1: the previous point had not reached it
             return MatchedPoint(side, round(c0 + frac * (c1 - c0), 4), target, (c0, c1))
     raise ValueError(f"{side}: its mu_0 sweep never reaches s / s_base = {target:.3f}")
 
@@ -60,30 +59,5 @@ def matched_points(runs: dict[str, RunDir]) -> tuple[float, list[MatchedPoint]]:
     return target, [crossing(curves[side], target, side) for side in runs]
 
 
-def markdown(target: float, points: list[MatchedPoint], rows: dict[str, dict[str, Any]],
-             data_sizes: dict[str, int | None], title: str) -> str:
-    """The Tables 5-6 shaped table; ``rows``: side -> the compare row of its matched edit on the test halves."""
-    lines = [f"# Internal vs external forget data at matched forget quality: {title}\n",
-             f"Matched on the validation halves at s / s_base = {target:.3f}, the deepest forget level both mu_0 "
-             "sweeps reach; each weight is interpolated between its two bracketing sweep points, then the edit is "
-             "measured on the test halves." + (" No sweep point of one side lowered s: both are matched at no "
-                                                 "forgetting, so this table says nothing here." if target >= 1 else "")
-             + "\n",
-             f"| forget data | rows | weight on mu_0 | between | forget: {next(iter(rows.values()))['s_metric']} "
-             f"| forget drop | utility: {next(iter(rows.values()))['u_metric']} | utility kept |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for p in points:
-        r = rows[p.side]
-        lines.append(f"| {p.side} ({SIDES[p.side]}) | {data_sizes.get(p.side) or '—'} | {p.coef:+.3g} | "
-                     f"{p.bracket[0]:+g} .. {p.bracket[1]:+g} | {r['s']:.4g} | {pct(r['forget_drop'])} | "
-                     f"{r['u']:.4g} | {pct(r['utility_kept'])} |")
-    return "\n".join(lines) + "\n"
-
-
 def to_json(target: float, points: list[MatchedPoint]) -> dict[str, Any]:
     return {"target_s_ratio": target, "points": [asdict(p) for p in points]}
-
-
-def pct(v: float | None) -> str:
-    """A fraction as a percentage for the tables; None (no base to divide by) as a dash."""
-    return "—" if v is None else f"{100 * v:.1f} %"
