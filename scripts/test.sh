@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Two pytest workers (pytest-xdist): much of the suite waits on Ray, subprocesses and HTTP rather than on the
 # CPU, so two at a time finish sooner on 2 cores (57 -> 40 min on a busy machine). RR_RAY_TEST_WORKERS=0: one
-# process. worksteal keeps both busy to the end; conftest.py starts the slowest modules first.
+# process. loadfile keeps each module on one worker, so a module-scoped fixture (a Serve app, a finished run) is
+# built once, not once per worker; conftest.py starts the slowest modules first.
 exec .venv/bin/python -m pytest -p no:cacheprovider -ra --durations=15 -n "${RR_RAY_TEST_WORKERS:-2}" \
-  --dist worksteal "$@"
+  --dist loadfile "$@"

@@ -92,6 +92,21 @@ def test_models_lists_base_and_unlearned(client) -> None:
     assert {BASE, UNLEARNED} <= ids, ids
 
 
+def test_fifty_concurrent_clients_without_errors(server: str) -> None:
+    """Runs before any other request names the LoRA: 25 first requests for it arrive at once."""
+    def one(i: int) -> int:
+        model = UNLEARNED if i % 2 else BASE
+        r = requests.post(f"{server}/v1/chat/completions", timeout=300, json={
+            "model": model, "messages": [{"role": "user", "content": f"Count to {i % 5 + 2}."}], "max_tokens": 8})
+        return r.status_code
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+        codes = list(pool.map(one, range(50)))
+    print(f"50 concurrent chat requests: {time.perf_counter() - t0:.1f} s, codes {set(codes)}")
+    assert codes == [200] * 50
+
+
 def test_chat_unlearned_differs_from_base_on_code(client) -> None:
     answers = {}
     for model in (BASE, UNLEARNED):
@@ -122,20 +137,6 @@ def test_completion_and_streaming_agree(client) -> None:
 def test_bad_requests_get_4xx(server: str, body: dict) -> None:
     r = requests.post(f"{server}/v1/chat/completions", json=body, timeout=120)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
-
-
-def test_fifty_concurrent_clients_without_errors(server: str) -> None:
-    def one(i: int) -> int:
-        model = UNLEARNED if i % 2 else BASE
-        r = requests.post(f"{server}/v1/chat/completions", timeout=300, json={
-            "model": model, "messages": [{"role": "user", "content": f"Count to {i % 5 + 2}."}], "max_tokens": 8})
-        return r.status_code
-
-    t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
-        codes = list(pool.map(one, range(50)))
-    print(f"50 concurrent chat requests: {time.perf_counter() - t0:.1f} s, codes {set(codes)}")
-    assert codes == [200] * 50
 
 
 def test_serve_config_file_builds_the_llm_app() -> None:

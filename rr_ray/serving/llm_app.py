@@ -9,9 +9,12 @@ directory on S3 gives ``<run>/serve/loras`` as the default store, a local one ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ray.serve.llm.deployment import LLMServer
 
 from rr_ray.generation.vllm_generator import lora_rank_bucket
 
@@ -21,6 +24,21 @@ if TYPE_CHECKING:
     from rr_ray.serving.app import ServeArgs
 
 LORA_FOLDER = "unlearned"
+
+
+class SerialLoRALoadServer(LLMServer):
+    """Ray Serve LLM's server, with one LoRA load at a time per replica.
+
+    Its engine checks "already loaded?" and then awaits the load, so a burst of first requests for one
+    adapter starts several loads and all but the first fail with HTTP 500 ("has already been loaded"): seen
+    with 50 concurrent clients on Ray 2.60. Under the lock the later requests find the adapter loaded.
+    """
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        if not hasattr(self, "_lora_lock"):
+            self._lora_lock = asyncio.Lock()
+        async with self._lora_lock:
+            await super()._maybe_resolve_lora_from_multiplex()
 
 
 def lora_store_for(a: ServeArgs) -> str | None:
@@ -80,6 +98,7 @@ def llm_config(a: ServeArgs, model_source: str, adapter_dir: str | None, store: 
         model_loading_config={"model_id": a.base_name, "model_source": model_source},
         engine_kwargs=engine, lora_config=lora, deployment_config=deployment,
         placement_group_config={"bundles": bundles}, runtime_env={"env_vars": env} if env else None,
+        server_cls=SerialLoRALoadServer if adapter_dir else None,
     )
 
 
