@@ -39,7 +39,7 @@ def test_nll_is_the_causal_lm_loss_and_npo_starts_at_its_closed_form(tiny_model_
         nll = objective_loss(model, model, batch, "nll")
         plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["labels"]).loss
-        assert torch.equal(nll, plain)
+        assert float(nll) == pytest.approx(float(plain), rel=1e-5)
         assert batch["forget"].tolist() == [1] * 4 + [0] * 4
         seq, tokens = sequence_nll(model(input_ids=batch["input_ids"]).logits, batch["labels"])
         per_token = seq / tokens
@@ -52,6 +52,25 @@ def test_nll_is_the_causal_lm_loss_and_npo_starts_at_its_closed_form(tiny_model_
         assert float(gd) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="unknown objective"):
         objective_loss(model, model, batch, "nope")
+
+
+def test_nll_from_kept_logits_has_the_full_logits_gradient(tiny_model_dir: Path) -> None:
+    """The loss from the response tail's logits alone trains exactly what transformers' loss trains."""
+    import torch
+
+    model, batch = _setup(tiny_model_dir)
+    assert int((batch["labels"] != -100).any(dim=0).nonzero()[0]) > 1  # a prompt the tail leaves out
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    grads = []
+    for loss_fn in (lambda: objective_loss(model, model, batch, "nll"),
+                    lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"]).loss):
+        torch.manual_seed(1)  # the same dropout masks
+        grads.append(torch.autograd.grad(loss_fn(), params))
+    for kept, full in zip(*grads):
+        assert torch.allclose(kept, full, rtol=1e-4, atol=1e-7)
+    assert any(float(g.abs().sum()) > 0 for g in grads[0])
 
 
 @pytest.mark.parametrize("objective", ["npo", "graddiff"])

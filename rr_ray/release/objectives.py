@@ -10,6 +10,10 @@ family instead train a LoRA that is applied as it is (+1) and unlearns by its lo
   pi_ref is the frozen model under the LoRA (the adapter switched off); retain rows keep their NLL.
 
 Rows carry ``forget`` (1) or retain (0) in the batch; per-sequence losses are averaged over the batch.
+
+Only the positions that predict a labelled token go through the LM head (``logits_to_keep``): with right
+padding they are the batch's tail from its earliest response token, and the prompt's logits, a vocabulary-wide
+tensor per token (Qwen2.5's 151,936 entries) and the largest share of a training step's memory, are never made.
 """
 
 from __future__ import annotations
@@ -31,26 +35,37 @@ def sequence_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
     return nll, mask.sum(dim=1).clamp(min=1).to(torch.float32)
 
 
+def labelled_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """``sequence_nll`` of ``model`` on ``batch``, with logits only from the position before the earliest
+    labelled token on (right-padded rows: every labelled position lies in that tail)."""
+    labels = batch["labels"]
+    labelled = (labels != -100).any(dim=0).nonzero()
+    length = labels.size(1)
+    keep = length - max(int(labelled[0]) - 1, 0) if len(labelled) else 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return sequence_nll(logits, labels[:, length - keep:])
+
+
 def objective_loss(forward: Any, inner: Any, batch: dict[str, Any], objective: str, beta: float = 0.1,
                    retain_weight: float = 1.0) -> Any:
     """The batch loss of ``objective``. ``forward`` is what the optimiser steps through (the model, its DDP
-    wrapper or a DeepSpeed engine); ``inner`` the PeftModel itself, whose adapter NPO switches off for pi_ref."""
+    wrapper or a DeepSpeed engine); ``inner`` the PeftModel itself, whose adapter NPO switches off for pi_ref.
+    ``nll`` is the mean over the batch's labelled tokens (the causal-LM loss transformers computes)."""
     import torch
     import torch.nn.functional as F
 
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if objective == "nll":
-        return forward(**inputs, labels=batch["labels"]).loss
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES}")
-    nll, tokens = sequence_nll(forward(**inputs).logits, batch["labels"])
+    nll, tokens = labelled_nll(forward, batch)
+    if objective == "nll":
+        return nll.sum() / (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
     forget = batch["forget"].bool()
     retain_term = retain_weight * nll / tokens
     if objective == "graddiff":
         forget_term = -nll / tokens
     else:
         with torch.no_grad(), inner.disable_adapter():
-            ref_nll, _ = sequence_nll(inner(**inputs).logits, batch["labels"])
+            ref_nll, _ = labelled_nll(inner, batch)
         log_ratio = ref_nll - nll  # log pi_theta(y|x) - log pi_ref(y|x), summed over the response tokens
         forget_term = -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)
     return torch.where(forget, forget_term, retain_term).mean()
