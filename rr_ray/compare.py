@@ -26,8 +26,11 @@ from rr_ray.storage import RunDir
 OUT = "compare"
 
 
-def method_dir(root: RunDir, name: str) -> str:
-    """``<root>/methods/<name>``, the name made path-safe (a plugin's 'package.module:Class' has a colon)."""
+def method_dir(root: RunDir, name: str, reuse: dict[str, str] | None = None) -> str:
+    """``<root>/methods/<name>``, the name made path-safe (a plugin's 'package.module:Class' has a colon), or
+    the directory ``compare.reuse`` names for it."""
+    if reuse and name in reuse:
+        return reuse[name]
     safe = re.sub(r"[^\w.-]", "_", name)
     return f"{root.uri.rstrip('/')}/methods/{safe}"
 
@@ -42,7 +45,8 @@ def entries(cfg: RRConfig) -> dict[str, tuple[str, list[str]]]:
 def method_config(cfg: RRConfig, root: RunDir, name: str, overrides: list[str] = ()) -> RRConfig:
     """The config a method runs with: the compare config (plus an ablation's overrides), in the method's own
     run directory."""
-    return config_from_text(cfg.to_yaml(), "compare", [f"run.dir={method_dir(root, name)}", *overrides])
+    return config_from_text(cfg.to_yaml(), "compare",
+                            [f"run.dir={method_dir(root, name, cfg.compare.reuse)}", *overrides])
 
 
 def _run_method(cfg_yaml: str, name: str, method: str) -> dict[str, Any]:
@@ -211,7 +215,7 @@ def _matched_edits(cfg: RRConfig, root: RunDir
     Returns the target, the matched points and model name -> adapter URI for the test-half evaluation."""
     from rr_ray.release.loop import single_edit
 
-    runs = {side: RunDir.open(method_dir(root, method), endpoint_url=cfg.run.s3_endpoint_url)
+    runs = {side: RunDir.open(method_dir(root, method, cfg.compare.reuse), endpoint_url=cfg.run.s3_endpoint_url)
             for side, method in matched_forget.SIDES.items()}
     target, points = matched_forget.matched_points(runs)
     edits, rel = {}, f"release/{matched_forget.STEP}/matched"
@@ -219,6 +223,18 @@ def _matched_edits(cfg: RRConfig, root: RunDir
         edits[f"{p.side}_matched"] = single_edit(cfg, runs[p.side], matched_forget.STEP, p.coef, "forget", rel)
         console.print(f"compare: {p.side} forget data, mu_0 weight {p.coef:+.3g} for s / s_base = {target:.3f}")
     return target, points, edits
+
+
+def _reuse_evaluations(cfg: RRConfig, root: RunDir) -> None:
+    """A reused run's own evaluate stage (eval/final.json, eval/base.json) as the method's and the base's rows:
+    its config matched the compare config in every field that changes results (``open_run`` checked it when
+    the method ran there), so they are the same models on the same test-half items."""
+    for name, uri in cfg.compare.reuse.items():
+        run = RunDir.open(uri, endpoint_url=cfg.run.s3_endpoint_url)
+        for ours, theirs in ((name, "final"), ("base", "base")):
+            if not root.exists(f"{OUT}/eval/{ours}.json") and run.exists(f"eval/{theirs}.json"):
+                root.write_json(f"{OUT}/eval/{ours}.json", run.read_json(f"eval/{theirs}.json"))
+                console.print(f"compare: {ours} evaluation taken from {uri}/eval/{theirs}.json")
 
 
 def run_compare(cfg: RRConfig) -> dict[str, Any]:
@@ -237,7 +253,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
             console.print(f"compare: {name} already done, skipped")
             done[name] = info
         else:
-            console.print(f"compare: running {name} in {method_dir(root, name)}")
+            console.print(f"compare: running {name} in {method_dir(root, name, cfg.compare.reuse)}")
             pending[runner.remote(method_config(cfg, root, name, overrides).to_yaml(), name, method)] = name
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
@@ -247,6 +263,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
         console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
     console.rule("[bold]compare[/]: every method and the base on the same test halves")
     models = {"base": None, **{name: done[name]["adapter"] for name in runs}}
+    _reuse_evaluations(cfg, root)
     matched = _matched_edits(cfg, root) if "internal_vs_external" in cfg.compare.ablations else None
     results = evaluate_models(cfg, root, models | (matched[2] if matched else {}), prefix=f"{OUT}/eval")
     rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"])
@@ -266,7 +283,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
         root.write_json(f"{OUT}/internal_vs_external.json", {**matched_forget.to_json(target, points), "rows": sides})
         console.print(text)
     if cfg.compare.variants():
-        steps = {name: RunDir.open(method_dir(root, name), endpoint_url=cfg.run.s3_endpoint_url)
+        steps = {name: RunDir.open(method_dir(root, name, cfg.compare.reuse), endpoint_url=cfg.run.s3_endpoint_url)
                  .read_json("release/steps.json") for name in ("reveal_release", *cfg.compare.variants())}
         ablations = ablations_markdown(steps, {r["method"]: r for r in rows}, title)
         root.write_text(f"{OUT}/ablations.md", ablations)

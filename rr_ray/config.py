@@ -312,6 +312,12 @@ class CompareConfig(_Section):
         "(Tables 5-6, compare/internal_vs_external.md).")
     orthogonality: float = Field(
         0.5, gt=0, description="orthogonal_retain: the penalty's weight (release.orthogonality of that variant).")
+    reuse: dict[str, str] = Field(
+        default_factory=dict, description="Method or ablation name -> a run directory that already holds it under "
+        "this config (e.g. reveal_release: the run.dir of `rr-ray run` with the same file): it runs there instead "
+        "of <run.dir>/methods/<name>, so its finished stages are skipped, and where that directory holds eval/"
+        "base.json and eval/final.json (the run's evaluate stage, the same test halves) they stand for the "
+        "method's and the base's evaluation.")
 
     @field_validator("methods")
     @classmethod
@@ -329,6 +335,15 @@ class CompareConfig(_Section):
         if "internal_vs_external" in self.ablations and "pem_external" not in self.methods:
             raise ValueError("compare.ablations internal_vs_external compares with pem_external: add it to "
                              "compare.methods")
+        return self
+
+    @model_validator(mode="after")
+    def _reuse_names_an_entry(self) -> CompareConfig:
+        names = [*self.methods, *self.variants()]
+        for name in self.reuse:
+            if name not in names:
+                raise ValueError(f"compare.reuse names {name!r}, which is not in compare.methods or the ablations "
+                                 f"run beside them ({', '.join(names)})")
         return self
 
     def variants(self) -> list[str]:
@@ -470,14 +485,16 @@ RESOURCE_FIELDS = frozenset({
 
 # ``rr-ray audit`` reads a finished run and writes only under audit/: its settings never change a run's results.
 AUDIT_PREFIX = "audit."
-# Each compared method runs in its own directory: naming one more (or one less) changes no other one's results.
-LIST_FIELDS = frozenset({"compare.methods", "compare.ablations"})
+# Each compared method runs in its own directory: naming one more (or one less), or where one already ran,
+# changes no other one's results. run.dir is where a run lives, not what it computes: a copied or moved run
+# directory resumes.
+LIST_FIELDS = frozenset({"compare.methods", "compare.ablations", "compare.reuse", "run.dir"})
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and f"{prefix}{key}" != "compare.reuse":  # a mapping, one field
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

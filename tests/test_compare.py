@@ -137,6 +137,30 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert "compare: pem_external already done, skipped" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == summary["rows"]
 
+    # compare.reuse: a finished `rr-ray run` directory stands in for reveal_release; nothing is trained or
+    # evaluated again, and its evaluate stage's figures are the table's rows
+    ours = root / "methods/reveal_release"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ran = subprocess.run([sys.executable, "-m", "rr_ray", "run", str(cfg), "--set", f"run.dir={ours}"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env, check=False)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    assert (ours / "eval/final.json").is_file()
+    data = yaml.safe_load(cfg.read_text())
+    data["run"]["dir"] = str(tmp_path / "cmp2")
+    data["compare"].update(methods=["reveal_release"], ablations=[], reuse={"reveal_release": str(ours)})
+    cfg2 = tmp_path / "compare2.yaml"
+    cfg2.write_text(yaml.safe_dump(data))
+    reused = _compare(cfg2, plugins)
+    assert reused.returncode == 0, reused.stderr[-4000:]
+    assert "compare: reveal_release evaluation taken from" in reused.stderr
+    assert "compare: base evaluation taken from" in reused.stderr
+    assert "evaluate: " not in reused.stderr and "release mu_0: training" not in reused.stderr
+    assert not (tmp_path / "cmp2/methods").exists()
+    keys = ("s", "u", "s_proxy", "u_proxy", "forget_items", "utility_items")
+    again_rows = {r["method"]: r for r in json.loads(reused.stdout.strip().splitlines()[-1])["rows"]}
+    for name in ("base", "reveal_release"):
+        assert {k: again_rows[name][k] for k in keys} == {k: rows[name][k] for k in keys}, name
+
 
 def test_unknown_method_is_refused_at_load(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = _config(tmp_path, tiny_model_dir)

@@ -111,6 +111,17 @@ def test_resume_allows_resource_changes_and_names_a_result_field() -> None:
     assert config_changes(yaml.safe_dump(old), load_config(None, ["release.train.num_workers=4",
         "generation.num_actors=4", "release.refine_rounds=2"]))[0] == ["release.refine_rounds"]
     assert config_changes("[1, 2]", cfg)[0] == ["run.yaml (unreadable)"]
+    # a moved run directory, or the compare that reuses it, changes no result
+    reuser = load_config(None, ["release.train.num_workers=4", "generation.num_actors=4", "run.dir=elsewhere",
+                                "compare.reuse={reveal_release: runs/default}"])
+    assert config_changes(stored, reuser) == ([], ["compare.reuse", "run.dir"])
+
+
+def test_compare_reuse_names_a_compared_entry() -> None:
+    with pytest.raises(ConfigError, match="compare.reuse names 'dpo'"):
+        load_config(None, ["compare.reuse={dpo: runs/x}"])
+    cfg = load_config(None, ["compare.ablations=[forget_rule_60]", "compare.reuse={forget_rule_60: runs/x}"])
+    assert cfg.compare.reuse == {"forget_rule_60": "runs/x"}
 
 
 def test_task_options_are_checked_at_load() -> None:
