@@ -207,3 +207,16 @@ def test_audit_of_a_run_without_a_release_is_one_clear_error(tmp_path: Path) -> 
 
     (tmp_path / "run.yaml").write_text("{}\n")
     assert main(["audit", str(tmp_path)]) == 2
+
+
+def test_a_compared_method_reused_from_the_run_is_audited_once(tmp_path: Path) -> None:
+    from rr_ray.audit.run import audit_models
+    from rr_ray.storage import RunDir
+
+    run = RunDir.open(str(tmp_path / "run"))
+    ours = f"{run.uri}/release/composed"
+    run.mark_done("release", {"composed_adapter": ours})
+    run.write_json("compare/table.json", {"methods": {"reveal_release": {"adapter": ours},
+                                                      "pem_external": {"adapter": f"{run.uri}/methods/p"},
+                                                      "leave_as_is": {"adapter": None}}})
+    assert audit_models(run) == {"base": None, "unlearned": ours, "pem_external": f"{run.uri}/methods/p"}

@@ -47,7 +47,8 @@ def audit_models(run: RunDir) -> dict[str, str | None]:
         models["unlearned"] = release["composed_adapter"]
     if run.exists("compare/table.json"):
         for name, info in run.read_json("compare/table.json")["methods"].items():
-            if info.get("adapter"):
+            # a method the compare reused from this run itself (compare.reuse) is "unlearned" already
+            if info.get("adapter") and info["adapter"] not in models.values():
                 models[name] = info["adapter"]
     if len(models) == 1:
         raise ConfigError(f"{run.uri}: nothing to audit (no finished release and no compare/table.json)")
