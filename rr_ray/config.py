@@ -254,9 +254,11 @@ class ReleaseConfig(_Section):
         0, ge=0, description="Rounds of grid refinement per step: each scores midpoints next to the chosen weight "
         "(the accept boundary of the forget target, the best retain weight) and the rule chooses again.")
     forget_target: float | None = Field(
-        None, gt=0, le=1, description="Stop after an iteration once s <= this x s_base (iterations is the most).")
+        None, gt=0, le=1, description="Stop after a forget step once s <= this x s_base and u is not below "
+        "utility_floor (iterations is the most).")
     utility_floor: float | None = Field(
-        None, gt=0, le=1, description="Stop after an iteration once u < this x u_base (iterations is the most).")
+        None, gt=0, le=1, description="With forget_target met, go on while u < this x u_base (the next retain step "
+        "restores utility); without it, give up after mu_1 or later once u < this x u_base.")
     retain_source: Literal["curated", "self"] = Field(
         "curated", description="Retain PEM answers: the data set's own, or the base model's answers to the same "
         "prompts that the task's oracle marks correct (code task: the final number matches).")

@@ -32,9 +32,16 @@ def test_stop_conditions_after_a_forget_step() -> None:
     cfg = load_config(None, ["release.forget_target=0.1", "release.utility_floor=0.85", "release.iterations=3"])
     assert "forget target met" in stop_reason(cfg, [base, mu])
     assert stop_reason(cfg, [base, mu, lam]) is None  # only complete iterations end the release
+    # the target met at a utility below the floor: the next retain step is there to restore it
+    assert stop_reason(cfg, [base, mu | {"u": 0.1}]) is None
+    mu_1 = mu | {"index": 3, "step": "mu_1"}
+    assert stop_reason(cfg, [base, mu, lam, mu_1 | {"u": 0.1}]) is None
+    assert "forget target met" in stop_reason(cfg, [base, mu, lam, mu_1])
     weak = mu | {"s": 0.3}
     assert stop_reason(cfg, [base, weak]) is None
-    assert "utility below its floor" in stop_reason(cfg, [base, weak | {"u": 0.1}])
+    # neither: give up only once a retain step has had its chance (mu_1 on)
+    assert stop_reason(cfg, [base, weak | {"u": 0.1}]) is None
+    assert "utility below its floor" in stop_reason(cfg, [base, mu, lam, mu_1 | {"s": 0.3, "u": 0.1}])
     rejected = weak | {"accepted": False}
     assert stop_reason(cfg, [base, rejected]) is None  # on_reject: zero goes on
     stop = load_config(None, ["release.rules.on_reject=stop"])
