@@ -254,7 +254,7 @@ class ReleaseConfig(_Section):
         0, ge=0, description="Rounds of grid refinement per step: each scores midpoints next to the chosen weight "
         "(the accept boundary of the forget target, the best retain weight) and the rule chooses again.")
     forget_target: float | None = Field(
-        None, gt=0, le=1, description="Stop after a forget step once s <= this x s_base and u is not below "
+        None, gt=0, le=1, description="Stop after any step once s <= this x s_base and u is not below "
         "utility_floor (iterations is the most).")
     utility_floor: float | None = Field(
         None, gt=0, le=1, description="With forget_target met, go on while u < this x u_base (the next retain step "

@@ -25,13 +25,16 @@ def test_step_labels() -> None:
     assert step_label({"kind": "retain", "step": "lambda_1", "coef": 0.3}) == "+lambda_1 = +0.3"
 
 
-def test_stop_conditions_after_a_forget_step() -> None:
+def test_stop_conditions() -> None:
     base = {"index": 0, "step": "base", "kind": "base", "s": 0.5, "u": 0.2}
     mu = {"index": 1, "step": "mu_0", "kind": "forget", "accepted": True, "s": 0.04, "u": 0.19}
     lam = {"index": 2, "step": "lambda_1", "kind": "retain", "accepted": True, "s": 0.2, "u": 0.05}
     cfg = load_config(None, ["release.forget_target=0.1", "release.utility_floor=0.85", "release.iterations=3"])
     assert "forget target met" in stop_reason(cfg, [base, mu])
-    assert stop_reason(cfg, [base, mu, lam]) is None  # only complete iterations end the release
+    assert stop_reason(cfg, [base, mu, lam]) is None  # the retain step gave s back: go on
+    # a retain step that keeps s at the target and u above the floor ends the release (mu_1 could only cost u)
+    assert "forget target met" in stop_reason(cfg, [base, mu | {"u": 0.1}, lam | {"s": 0.04, "u": 0.19}])
+    assert stop_reason(cfg, [base, mu | {"s": 0.3}, lam | {"s": 0.3, "u": 0.01}]) is None
     # the target met at a utility below the floor: the next retain step is there to restore it
     assert stop_reason(cfg, [base, mu | {"u": 0.1}]) is None
     mu_1 = mu | {"index": 3, "step": "mu_1"}

@@ -263,16 +263,17 @@ def plot_steps(history: list[dict[str, Any]], task: str) -> bytes:
 
 
 def stop_reason(cfg: RRConfig, history: list[dict[str, Any]]) -> str | None:
-    """Why the release ends after the last recorded step, or None to go on (checked after each forget step).
+    """Why the release ends after the last recorded step, or None to go on (checked after every step).
 
-    Done once s meets ``forget_target`` with u at or above ``utility_floor``. Met with u below the floor, the
-    release goes on: the next retain step exists to bring utility back (Table 9 runs lambda_1 after a mu_0
-    that already cut MBPP by 92 %). Below the floor without the target, it gives up, but only after mu_1 or
-    later, once a retain step has had its chance."""
+    Done once s meets ``forget_target`` with u at or above ``utility_floor``, after a forget or a retain step
+    (a retain step that kept s at the target and lifted u leaves a further forget step nothing to gain). Met
+    with u below the floor, the release goes on: the next retain step exists to bring utility back (Table 9
+    runs lambda_1 after a mu_0 that already cut MBPP by 92 %). After a forget step below the floor without the
+    target, it gives up, but only from mu_1 on, once a retain step has had its chance."""
     last, rel = history[-1], cfg.release
-    if last["kind"] != "forget":
+    if last["kind"] == "base":
         return None
-    if not last["accepted"] and rel.rules.on_reject == "stop":
+    if last["kind"] == "forget" and not last["accepted"] and rel.rules.on_reject == "stop":
         return f"{last['step']}: no weight met the forget rule (rules.on_reject: stop)"
     s0, u0 = history[0]["s"], history[0]["u"]
     met = rel.forget_target is not None and last["s"] <= rel.forget_target * s0
@@ -280,7 +281,7 @@ def stop_reason(cfg: RRConfig, history: list[dict[str, Any]]) -> str | None:
     if met and not low:
         return f"forget target met: s {last['s']:.4g} <= {rel.forget_target:g} x s_base {s0:.4g}" + (
             f", u {last['u']:.4g} >= {rel.utility_floor:g} x u_base {u0:.4g}" if rel.utility_floor else "")
-    if low and not met and int(last["step"].split("_")[1]) >= 1:
+    if low and not met and last["kind"] == "forget" and last["step"] != "mu_0":
         return f"utility below its floor: u {last['u']:.4g} < {rel.utility_floor:g} x u_base {u0:.4g}"
     return None
 
