@@ -27,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 MANIFEST, DONE_DIR = "manifest.json", "_done"  # reserved names at the run root
+RUN_REF = "{run}/"  # a done marker's path inside the run, independent of where the run lives
 _TMP_SUFFIX = ".rr-tmp"  # local temp files: hidden, skipped by list()
 
 
@@ -285,7 +286,13 @@ class RunDir:
         return f"{DONE_DIR}/{stage}.json"
 
     def mark_done(self, stage: str, info: dict[str, Any]) -> None:
-        """Write the stage's done marker; call it only after all of the stage's artifacts are written."""
+        """Write the stage's done marker; call it only after all of the stage's artifacts are written.
+
+        A top-level string naming a path inside this run is stored relative to it (``{run}/rel``), so a run
+        directory that was moved, cloned or copied still finds its own artifacts (``done_info`` expands it)."""
+        root = self.uri.rstrip("/") + "/"
+        info = {k: RUN_REF + v[len(root):] if isinstance(v, str) and v.startswith(root) else v
+                for k, v in info.items()}
         self._b.put_bytes(self._marker(stage), (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
 
     def is_done(self, stage: str) -> bool:
@@ -295,9 +302,12 @@ class RunDir:
     def done_info(self, stage: str) -> dict[str, Any] | None:
         """The ``info`` given to ``mark_done``, or None if the stage is not done."""
         try:
-            return json.loads(self._b.get_bytes(self._marker(stage)))
+            info = json.loads(self._b.get_bytes(self._marker(stage)))
         except FileNotFoundError:
             return None
+        root = self.uri.rstrip("/") + "/"
+        return {k: root + v[len(RUN_REF):] if isinstance(v, str) and v.startswith(RUN_REF) else v
+                for k, v in info.items()}
 
 
 def localize(uri: str, *, endpoint_url: str | None = None, cache: str | os.PathLike[str] | None = None,

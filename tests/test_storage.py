@@ -87,6 +87,18 @@ def test_markers(rd: RunDir) -> None:
             rd.mark_done(bad, {})
 
 
+def test_marker_paths_follow_a_moved_run(tmp_path: Path) -> None:
+    import shutil
+
+    rd = RunDir.open(str(tmp_path / "a"))
+    rd.write_text("release/composed/x.txt", "w")
+    rd.mark_done("release", {"composed_adapter": rd.uri + "/release/composed", "model": "/elsewhere/m"})
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = RunDir.open(str(tmp_path / "b")).done_info("release")
+    assert moved == {"composed_adapter": str(tmp_path / "b" / "release" / "composed"), "model": "/elsewhere/m"}
+    assert rd.done_info("release")["composed_adapter"] == str(tmp_path / "a" / "release" / "composed")
+
+
 def test_upload_download_dir_roundtrip(rd: RunDir, tmp_path: Path) -> None:
     src = tmp_path / "src"
     files = {"config.json": b'{"a": 1}', "weights/model.safetensors": os.urandom(300_000),
