@@ -285,12 +285,15 @@ class RunDir:
             raise ValueError(f"invalid stage name {stage!r}: must be a single path component")
         return f"{DONE_DIR}/{stage}.json"
 
+    def _root_prefix(self) -> str:
+        return self.uri.rstrip("/") + "/"
+
     def mark_done(self, stage: str, info: dict[str, Any]) -> None:
         """Write the stage's done marker; call it only after all of the stage's artifacts are written.
 
         A top-level string naming a path inside this run is stored relative to it (``{run}/rel``), so a run
         directory that was moved, cloned or copied still finds its own artifacts (``done_info`` expands it)."""
-        root = self.uri.rstrip("/") + "/"
+        root = self._root_prefix()
         info = {k: RUN_REF + v[len(root):] if isinstance(v, str) and v.startswith(root) else v
                 for k, v in info.items()}
         self._b.put_bytes(self._marker(stage), (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
@@ -305,7 +308,7 @@ class RunDir:
             info = json.loads(self._b.get_bytes(self._marker(stage)))
         except FileNotFoundError:
             return None
-        root = self.uri.rstrip("/") + "/"
+        root = self._root_prefix()
         return {k: root + v[len(RUN_REF):] if isinstance(v, str) and v.startswith(RUN_REF) else v
                 for k, v in info.items()}
 
