@@ -16,6 +16,7 @@ one path; the done marker is written last.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from rr_ray.release.pem import Edit, EditLog, compose, merge_into
 from rr_ray.storage import RunDir
 
 STAGE = "export"
+logger = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
@@ -114,12 +116,27 @@ vLLM: `vllm serve export/merged` (or `LLM(model="export/merged")`). {_vllm_hint(
 """
 
 
+def exported(run: RunDir) -> dict[str, Any] | None:
+    """The export marker's info, or None if export is not done or its files are gone: export/ stays out of git
+    (the merged model is GBs), so a clone of a finished run has the marker without the files."""
+    info = run.done_info(STAGE)
+    if info is None:
+        return None
+    files = [rel for rel in run.manifest() if rel.startswith(f"{STAGE}/")]
+    missing = [rel for rel in files if not run.exists(rel)]
+    if missing or not files:
+        logger.warning("%s: export is marked done but %d of its %d files are missing: exporting again", run.uri,
+                       len(missing), len(files))
+        return None
+    return info
+
+
 def export_run(run: RunDir, cfg: RRConfig) -> dict[str, Any]:
     """Write export/ (merged model, adapters, composed LoRA, edit log, README); skipped when already done."""
     from rr_ray.models.loader import resolve_model
 
-    if run.is_done(STAGE):
-        return run.done_info(STAGE) or {}
+    if (done := exported(run)) is not None:
+        return done
     if not run.exists(EDIT_LOG):
         raise FileNotFoundError(f"{run.uri}: no {EDIT_LOG}; run `rr-ray release` first")
     t0 = time.perf_counter()

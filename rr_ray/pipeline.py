@@ -50,8 +50,8 @@ def open_run(cfg: RRConfig) -> RunDir:
     return run
 
 
-def _skipped(run: RunDir, stage: str) -> dict[str, Any] | None:
-    info = run.done_info(stage)
+def _skipped(stage: str, info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``info`` (the stage's done info, None if not done), saying the stage is skipped when it is done."""
     if info is not None:
         console.print(f"[dim]stage {stage}: already done, skipped[/dim]")
     return info
@@ -64,7 +64,7 @@ def stage_reveal(cfg: RRConfig, run: RunDir, model_dir: str) -> dict[str, Any]:
     if cfg.release.forget_path:
         console.print(f"[dim]stage reveal: release.forget_path={cfg.release.forget_path} given, skipped[/dim]")
         return {"skipped": True, "forget_path": cfg.release.forget_path}
-    if (info := _skipped(run, "reveal")) is not None:
+    if (info := _skipped("reveal", run.done_info("reveal"))) is not None:
         return info
     cluster.connect(cfg.ray)
     console.rule("[bold]reveal[/]: the model generates its own forget set (Algorithm 1)")
@@ -78,7 +78,7 @@ def stage_release(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     """Equation 1 into ``release/`` and ``edit_log.json`` (each finished step is skipped on a rerun)."""
     from rr_ray.release.loop import run_release
 
-    if (info := _skipped(run, "release")) is not None:
+    if (info := _skipped("release", run.done_info("release"))) is not None:
         return info | {"edit_log": run.read_json("edit_log.json")}
     cluster.connect(cfg.ray)
     console.rule("[bold]release[/]: forget and retain PEMs composed with swept weights (eq. 1)")
@@ -130,7 +130,7 @@ def evaluate_models(cfg: RRConfig, run: RunDir, models: dict[str, str | None],
 
 def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     """Full task metrics (paper Tables 2-4) of the base and the final model -> eval/base.json, eval/final.json."""
-    if (info := _skipped(run, "evaluate")) is not None:
+    if (info := _skipped("evaluate", run.done_info("evaluate"))) is not None:
         return info
     cluster.connect(cfg.ray)
     console.rule("[bold]evaluate[/]: base vs unlearned model")
@@ -147,9 +147,9 @@ def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
 
 
 def stage_export(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
-    from rr_ray.export import export_run
+    from rr_ray.export import export_run, exported
 
-    if (info := _skipped(run, "export")) is not None:
+    if (info := _skipped("export", exported(run))) is not None:
         return info
     console.rule("[bold]export[/]: merged model, adapter stack, composed LoRA")
     return export_run(run, cfg)
@@ -158,7 +158,7 @@ def stage_export(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
 def stage_report(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
     from rr_ray.report import write_report
 
-    if (info := _skipped(run, "report")) is not None:
+    if (info := _skipped("report", run.done_info("report"))) is not None:
         return info
     uri = write_report(run, cfg)
     console.print(f"report: [bold]{uri}[/bold]")

@@ -110,6 +110,20 @@ def test_export_is_idempotent(exported: tuple[RunDir, dict, Path]) -> None:
     assert weights.stat().st_mtime_ns == before
 
 
+def test_a_clone_without_export_files_exports_again(exported: tuple[RunDir, dict, Path], tmp_path: Path) -> None:
+    """export/ stays out of git: a cloned run has the done marker but not the files, and must not skip."""
+    import shutil
+
+    run, info, export = exported
+    clone = tmp_path / "clone"
+    shutil.copytree(Path(run.uri), clone, ignore=lambda d, names: ["export"] if Path(d) == Path(run.uri) else [])
+    again = RunDir.open(str(clone))
+    assert again.is_done("export") and not (clone / "export").exists()
+    redone = export_run(again, run_config(again.uri, None, []))
+    assert (clone / "export/merged/model.safetensors").is_file()
+    assert redone["merged"] == f"{clone}/export/merged" and redone["composed_rank"] == info["composed_rank"]
+
+
 def test_cli_export_of_an_s3_run(tiny_model_dir: Path, tmp_path: Path, s3_server: str, s3_uri: str,  # noqa: F811
                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from peft import PeftModel
