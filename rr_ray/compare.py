@@ -22,6 +22,7 @@ from rr_ray import matched_forget
 from rr_ray.config import RRConfig, config_from_text
 from rr_ray.pipeline import console, evaluate_models, open_run
 from rr_ray.storage import RunDir
+from rr_ray.tasks.base import SIDES, exact_metric
 
 OUT = "compare"
 
@@ -62,13 +63,19 @@ def _run_method(cfg_yaml: str, name: str, method: str) -> dict[str, Any]:
             "seconds": round(finished - started, 1), "started": started, "finished": finished}
 
 
-def _row(name: str, result: dict[str, Any], base: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+def _row(name: str, result: dict[str, Any], base: dict[str, Any], seconds: float | None,
+         exact: dict[str, str | None]) -> dict[str, Any]:
+    """One method's table row; ``exact``: side -> the task's exact metric key (None: the task has none)."""
     f, u = result["forget"], result["utility"]
     row = {"method": name, "s": f["s"], "u": u["u"], "s_metric": f.get("s_metric", "proxy"),
            "u_metric": u.get("u_metric", "proxy"), "s_proxy": f.get("s_proxy", f["s"]),
            "u_proxy": u.get("u_proxy", u["u"]), "seconds": seconds,
            "forget_items": next((v for k, v in f.items() if k.endswith(("_problems", "_items"))), None),
            "utility_items": next((v for k, v in u.items() if k.endswith(("_problems", "_items"))), None)}
+    # The task's exact metrics (e.g. pass@1, GSM8K accuracy) are shown whichever score s / u steer on.
+    for key, side, out in (("s", "forget", f), ("u", "utility", u)):
+        if (metric := exact.get(side)) is not None and metric in out:
+            row[f"{key}_exact"], row[f"{key}_exact_name"] = float(out[metric]), metric
     s0, u0 = base["forget"]["s"], base["utility"]["u"]
     row["forget_drop"] = 1 - row["s"] / s0 if s0 else None
     row["utility_kept"] = row["u"] / u0 if u0 else None
@@ -83,26 +90,40 @@ def _secs(v: float | None) -> str:
     return "—" if v is None else f"{v:.0f}"
 
 
+def _columns(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the methods table, shared by its markdown and console forms: per side the exact
+    metric (where the task has one) and the proxy, and the drop / kept share of the score the rules steered on."""
+    first = rows[0]
+    heads, cells = ["method"], [[r["method"]] for r in rows]
+    for key, side, change, fmt in (("s", "forget", "drop", lambda r: _pct(r["forget_drop"])),
+                                   ("u", "utility", "kept", lambda r: _pct(r["utility_kept"]))):
+        if f"{key}_exact_name" in first:
+            heads.append(f"{side}: {first[f'{key}_exact_name']}")
+            for c, r in zip(cells, rows):
+                c.append(f"{r[f'{key}_exact']:.4g}" if f"{key}_exact" in r else "—")
+        heads += [f"{side}: proxy", f"{side} {change} ({first[f'{key}_metric']})"]
+        for c, r in zip(cells, rows):
+            c += [f"{r[f'{key}_proxy']:.4g}", fmt(r)]
+    heads.append("wall s")
+    for c, r in zip(cells, rows):
+        c.append(_secs(r["seconds"]))
+    return heads, cells
+
+
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    s_metric, u_metric = rows[0]["s_metric"], rows[0]["u_metric"]
-    head = (f"| method | forget: {s_metric} | forget drop | utility: {u_metric} | utility kept | s proxy | u proxy "
-            "| wall s |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['s']:.4g} | {_pct(r['forget_drop'])} | {r['u']:.4g} | "
-                     f"{_pct(r['utility_kept'])} | {r['s_proxy']:.4g} | {r['u_proxy']:.4g} | "
-                     f"{_secs(r['seconds'])} |")
+    heads, cells = _columns(rows)
+    lines = ["| " + " | ".join(heads) + " |", "|---|" + "---:|" * (len(heads) - 1)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines) + "\n"
 
 
 def table_rich(rows: list[dict[str, Any]], title: str) -> Table:
+    heads, cells = _columns(rows)
     table = Table(title=title)
-    for col in ("method", f"forget {rows[0]['s_metric']}", "drop", f"utility {rows[0]['u_metric']}", "kept",
-                "s proxy", "u proxy", "wall s"):
+    for col in heads:
         table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        table.add_row(r["method"], f"{r['s']:.4g}", _pct(r["forget_drop"]), f"{r['u']:.4g}", _pct(r["utility_kept"]),
-                      f"{r['s_proxy']:.4g}", f"{r['u_proxy']:.4g}", _secs(r["seconds"]))
+    for c in cells:
+        table.add_row(*c)
     return table
 
 
@@ -196,15 +217,13 @@ def matched_markdown(target: float, points: list[matched_forget.MatchedPoint], r
              "sweeps reach; each weight is interpolated between its two bracketing sweep points, then the edit is "
              "measured on the test halves." + (" No sweep point of one side lowered s: both are matched at no "
                                                  "forgetting, so this table says nothing here." if target >= 1 else "")
-             + "\n",
-             f"| forget data | rows | weight on mu_0 | between | forget: {next(iter(rows.values()))['s_metric']} "
-             f"| forget drop | utility: {next(iter(rows.values()))['u_metric']} | utility kept |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for p in points:
-        r = rows[p.side]
+             + "\n"]
+    heads, cells = _columns([rows[p.side] for p in points])  # minus method and wall s: the scores only
+    lines += ["| forget data | rows | weight on mu_0 | between | " + " | ".join(heads[1:-1]) + " |",
+              "|---|---:|---:|---|" + "---:|" * (len(heads) - 2)]
+    for p, c in zip(points, cells):
         lines.append(f"| {p.side} ({matched_forget.SIDES[p.side]}) | {data_sizes.get(p.side) or '—'} | "
-                     f"{p.coef:+.3g} | {p.bracket[0]:+g} .. {p.bracket[1]:+g} | {r['s']:.4g} | {_pct(r['forget_drop'])} | "
-                     f"{r['u']:.4g} | {_pct(r['utility_kept'])} |")
+                     f"{p.coef:+.3g} | {p.bracket[0]:+g} .. {p.bracket[1]:+g} | " + " | ".join(c[1:-1]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +285,8 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     _reuse_evaluations(cfg, root)
     matched = _matched_edits(cfg, root) if "internal_vs_external" in cfg.compare.ablations else None
     results = evaluate_models(cfg, root, models | (matched[2] if matched else {}), prefix=f"{OUT}/eval")
-    rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"])
+    exact = {side: exact_metric(cfg.task, side) for side in SIDES}
+    rows = [_row(name, results[name], results["base"], None if name == "base" else done[name]["seconds"], exact)
             for name in models]
     title = f"{cfg.task.name}: {cfg.model.name_or_path}, test halves"
     table = table_markdown(rows)
@@ -276,7 +296,7 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     console.print(table_rich(rows, title))
     if matched:
         target, points, edits = matched
-        sides = {p.side: _row(p.side, results[name], results["base"], None) for p, name in zip(points, edits)}
+        sides = {p.side: _row(p.side, results[name], results["base"], None, exact) for p, name in zip(points, edits)}
         sizes = {side: done[method]["info"].get("forget_rows") for side, method in matched_forget.SIDES.items()}
         text = matched_markdown(target, points, sides, sizes, title)
         root.write_text(f"{OUT}/internal_vs_external.md", text)

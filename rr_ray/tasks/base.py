@@ -89,6 +89,15 @@ EXACT_METRICS: dict[str, dict[str, str]] = {
 SIDES = ("forget", "utility")
 
 
+def exact_metric(cfg: TaskConfig, side: str) -> str | None:
+    """The result key of the task's exact metric on ``side`` (forget / utility), or None if it has none.
+    A plugin task (package.module:Class) names its own in an ``exact_metrics`` class attribute."""
+    from rr_ray.plugins import TASKS, load
+
+    names = EXACT_METRICS.get(cfg.name) or getattr(load("task", TASKS, cfg.name), "exact_metrics", None) or {}
+    return names.get(side)
+
+
 def steering_score(task: Task, cfg: TaskConfig, scorer: Scorer, side: str, adapter: str | None = None,
                    limit: int | None = None, full: bool = True, part: Part = "test") -> dict[str, Any]:
     """One side's result (``side``: forget or utility) with ``s`` / ``u`` set to the metric the config steers on.
@@ -100,8 +109,7 @@ def steering_score(task: Task, cfg: TaskConfig, scorer: Scorer, side: str, adapt
     key, metric, score = (("s", cfg.forget_metric, task.forget_score) if side == "forget"
                           else ("u", cfg.utility_metric, task.utility_score))
     use_exact = metric == "exact"
-    # A plugin task (package.module:Class) names its own exact metrics in an ``exact_metrics`` attribute.
-    exact = (EXACT_METRICS.get(cfg.name) or getattr(task, "exact_metrics", None) or {}).get(side)
+    exact = exact_metric(cfg, side)
     if use_exact and exact is None:
         raise ValueError(f"task.{side}_metric=exact: task {cfg.name!r} names no exact {side} metric")
     out = dict(score(scorer, adapter, limit, full=full or use_exact, part=part))
