@@ -133,10 +133,14 @@ def exported(run: RunDir) -> dict[str, Any] | None:
 
 def export_run(run: RunDir, cfg: RRConfig) -> dict[str, Any]:
     """Write export/ (merged model, adapters, composed LoRA, edit log, README); skipped when already done."""
+    done = exported(run)
+    return done if done is not None else write_export(run, cfg)
+
+
+def write_export(run: RunDir, cfg: RRConfig) -> dict[str, Any]:
+    """Build export/ from the run's edit log and mark the stage done (callers check :func:`exported` first)."""
     from rr_ray.models.loader import resolve_model
 
-    if (done := exported(run)) is not None:
-        return done
     if not run.exists(EDIT_LOG):
         raise FileNotFoundError(f"{run.uri}: no {EDIT_LOG}; run `rr-ray release` first")
     t0 = time.perf_counter()

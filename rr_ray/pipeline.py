@@ -147,12 +147,12 @@ def stage_evaluate(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
 
 
 def stage_export(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
-    from rr_ray.export import export_run, exported
+    from rr_ray.export import exported, write_export
 
     if (info := _skipped("export", exported(run))) is not None:
         return info
     console.rule("[bold]export[/]: merged model, adapter stack, composed LoRA")
-    return export_run(run, cfg)
+    return write_export(run, cfg)
 
 
 def stage_report(cfg: RRConfig, run: RunDir) -> dict[str, Any]:
