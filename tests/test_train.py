@@ -155,13 +155,21 @@ def _a_overlap(adapter: Path, previous: Path) -> float:
 
 def test_orthogonality_penalty_moves_the_retain_pem_off_the_forget_subspace(tiny_model_dir: Path, tmp_path: Path,
                                                                            ray_local) -> None:
+    import torch
+
+    from rr_ray.release.train import build_trainable
+
+    # The earlier PEM: the LoRA a worker builds with the same seed, untrained (only its A matters to the
+    # penalty), so both retain PEMs start on its subspace. No Ray Train run needed for it.
+    torch.manual_seed(0)
+    forget = tmp_path / "forget-adapter"
+    build_trainable(str(tiny_model_dir), None, LoraConfig(r=4, alpha=8), "float32").save_pretrained(forget)
     # One worker each: the penalty is per worker, and DDP is covered by test_train_two_ddp_workers.
-    forget = _train(tmp_path, "forget", epochs=2, workers=1, model_dir=str(tiny_model_dir))
     plain = _train(tmp_path, "retain-plain", epochs=3, workers=1, model_dir=str(tiny_model_dir))
     ortho = _train(tmp_path, "retain-ortho", epochs=3, workers=1, model_dir=str(tiny_model_dir),
-                   orthogonal_to=[str(forget.adapter_dir)], orthogonality=10.0)
+                   orthogonal_to=[str(forget)], orthogonality=10.0)
     # Both retain PEMs start from the same seed, so the same initial A: only the penalty tells them apart.
-    assert _a_overlap(ortho.adapter_dir, forget.adapter_dir) < 0.5 * _a_overlap(plain.adapter_dir, forget.adapter_dir)
+    assert _a_overlap(ortho.adapter_dir, forget) < 0.5 * _a_overlap(plain.adapter_dir, forget)
     assert ortho.losses[-1] < ortho.losses[0]  # it still learns its rows
 
 
