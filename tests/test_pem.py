@@ -180,9 +180,9 @@ def test_peft_cat_inherits_rslora(tiny_model_dir: Path, loras, tmp_path: Path) -
     """One reason pem.py stacks tensors itself: peft's "cat" is exact with negative weights for plain LoRAs, but
     before peft 0.22 the combined adapter copies use_rslora from the first adapter (scaling sqrt(R), not 1)."""
     import peft
+    from packaging.version import Version
     from peft import PeftModel
 
-    peft_version = tuple(int(p) for p in peft.__version__.split(".")[:2])
     rs = _make_lora(tiny_model_dir, tmp_path / "rs", 5, r=6, lora_alpha=4, use_rslora=True,
                     target_modules=["q_proj", "v_proj"])
     paths = {"qv": loras["qv"], "rs": rs}
@@ -197,7 +197,7 @@ def test_peft_cat_inherits_rslora(tiny_model_dir: Path, loras, tmp_path: Path) -
     got, want = cat_delta("qv", "rs")  # plain first adapter: exact, negative weight included
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     got, want = cat_delta("rs", "qv")  # rsLoRA first adapter: off by sqrt(R) before peft 0.22, exact since
-    if peft_version < (0, 22):
+    if Version(peft.__version__) < Version("0.22"):
         assert not torch.allclose(got, want, atol=1e-3)
     else:
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
