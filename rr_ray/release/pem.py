@@ -14,7 +14,8 @@ Why not peft's ``add_weighted_adapter(combination_type="cat")``: its arithmetic 
 its scaling becomes R / sqrt(R) = sqrt(R) instead of 1 and the composed delta is sqrt(R) times too large
 (measured: tests/test_pem.py::test_peft_cat_inherits_rslora; peft 0.22 sets use_rslora=False). It also
 inherits ``layers_to_transform`` from the first adapter, so it raises "No matching LoRAs found" when the union
-of targets holds a module that no adapter touches; and it needs the base model loaded with every adapter and computes in the model's dtype.
+of targets holds a module that no adapter touches; and it needs the base model loaded with every adapter and
+computes in the model's dtype.
 So we stack the tensors ourselves, from the saved files, in float32.
 """
 
