@@ -43,6 +43,15 @@ def entries(cfg: RRConfig) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def _revealed(cfg: RRConfig, root: RunDir) -> str | None:
+    """The forget set the ablations release from, once reveal_release has it: they vary only release settings,
+    so they share its reveal output (the same data, and no second reveal) instead of revealing again."""
+    if cfg.release.forget_path:
+        return cfg.release.forget_path
+    ours = RunDir.open(method_dir(root, "reveal_release", cfg.compare.reuse), endpoint_url=cfg.run.s3_endpoint_url)
+    return f"{ours.uri.rstrip('/')}/reveal/forget.jsonl" if ours.is_done("reveal") else None
+
+
 def method_config(cfg: RRConfig, root: RunDir, name: str, overrides: list[str] = ()) -> RRConfig:
     """The config a method runs with: the compare config (plus an ablation's overrides), in the method's own
     run directory."""
@@ -265,21 +274,34 @@ def run_compare(cfg: RRConfig) -> dict[str, Any]:
     # num_cpus=0: the task only drives its method; the actors, trainers and trials it starts ask for resources.
     runner = ray.remote(num_cpus=0, max_retries=0)(_run_method)
     done: dict[str, dict[str, Any]] = {}
-    pending = {}
+    pending, held = {}, {}
     runs = entries(cfg)
     for name, (method, overrides) in runs.items():
         if (info := root.done_info(f"compare-{name}")) is not None:
             console.print(f"compare: {name} already done, skipped")
             done[name] = info
+        elif name in cfg.compare.variants():
+            held[name] = overrides
         else:
             console.print(f"compare: running {name} in {method_dir(root, name, cfg.compare.reuse)}")
             pending[runner.remote(method_config(cfg, root, name, overrides).to_yaml(), name, method)] = name
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ref)
-        done[name] = ray.get(ref)
-        root.mark_done(f"compare-{name}", done[name])
-        console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
+    while pending or held:
+        if held and (forget := _revealed(cfg, root)) is not None:
+            for name, overrides in held.items():
+                console.print(f"compare: running {name} in {method_dir(root, name, cfg.compare.reuse)} on "
+                              f"reveal_release's forget set")
+                extra = [] if cfg.release.forget_path else [f"release.forget_path={forget}"]
+                pending[runner.remote(method_config(cfg, root, name, [*overrides, *extra]).to_yaml(), name,
+                                      "reveal_release")] = name
+            held = {}
+        if not pending:
+            raise RuntimeError("compare: reveal_release finished without a reveal/forget.jsonl for its ablations")
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0 if held else None)
+        for ref in ready:
+            name = pending.pop(ref)
+            done[name] = ray.get(ref)
+            root.mark_done(f"compare-{name}", done[name])
+            console.print(f"compare: {name} finished in {done[name]['seconds']:.0f} s")
     console.rule("[bold]compare[/]: every method and the base on the same test halves")
     models = {"base": None, **{name: done[name]["adapter"] for name in runs}}
     _reuse_evaluations(cfg, root)

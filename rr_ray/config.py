@@ -309,7 +309,8 @@ class CompareConfig(_Section):
     ablations: list[Literal["forget_rule_60", "orthogonal_retain", "internal_vs_external"]] = Field(
         default_factory=list, description="Ablations, each with its table: forget_rule_60 = reveal_release with the "
         "60 % forget rule (rules.forget_ratio 0.4, Figure 4) and orthogonal_retain = with O-LoRA's penalty on the "
-        "retain PEMs (Appendix B, Table 10), each run beside it (compare/ablations.md); internal_vs_external = "
+        "retain PEMs (Appendix B, Table 10), each run on reveal_release's forget set once its reveal is done "
+        "(compare/ablations.md); internal_vs_external = "
         "reveal_release's mu_0 and pem_external (needs both) at the same forget level, utility on the test halves "
         "(Tables 5-6, compare/internal_vs_external.md).")
     orthogonality: float = Field(

@@ -121,8 +121,11 @@ def test_compare_runs_a_baseline_and_a_user_method_side_by_side(tmp_path: Path, 
     assert "| pem_external |" in md and "| base |" in md
 
     # ablations: the 60 % rule ran as its own reveal_release; internal vs external matched on one forget level
-    assert yaml.safe_load((root / "methods/forget_rule_60/run.yaml").read_text())["release"]["rules"][
-        "forget_ratio"] == 0.4
+    ablation = yaml.safe_load((root / "methods/forget_rule_60/run.yaml").read_text())["release"]
+    assert ablation["rules"]["forget_ratio"] == 0.4
+    # it released reveal_release's own forget set instead of revealing again
+    assert ablation["forget_path"] == str(root / "methods/reveal_release/reveal/forget.jsonl")
+    assert not (root / "methods/forget_rule_60/reveal").exists()
     assert "## forget_rule_60" in (root / "compare/ablations.md").read_text()
     matched = json.loads((root / "compare/internal_vs_external.json").read_text())
     assert [p["side"] for p in matched["points"]] == ["internal", "external"]

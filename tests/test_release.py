@@ -125,3 +125,19 @@ def test_self_retain_data_asks_in_chunks_keeps_them_and_refuses_an_empty_set(
     # the oracle is the task's: a right final number counts
     row = task.utility.retain_rows[0]
     assert task.check_retain(task.retain_data(1)[0]["prompt"], f"so it is {row['target']:g}")
+
+
+def test_a_forget_set_on_s3_is_read_from_there(s3_server: str, s3_uri: str, tmp_path: Path) -> None:
+    """release.forget_path takes an s3:// URI too (compare's ablations read reveal_release's reveal output)."""
+    from rr_ray.release.loop import load_forget_rows
+
+    rows = [{"prompt": f"Write f{i}.", "response": f"def f{i}(): pass"} for i in range(3)]
+    RunDir.open(s3_uri, endpoint_url=s3_server).write_jsonl("reveal/forget.jsonl", rows)
+    sets = [f"run.dir={tmp_path / 'run'}", f"run.s3_endpoint_url={s3_server}"]
+    cfg = load_config(None, [*sets, f"release.forget_path={s3_uri}/reveal/forget.jsonl"])
+    got = load_forget_rows(cfg, RunDir.open(cfg.run.dir))
+    assert [(r["prompt"], r["response"]) for r in got] == [(r["prompt"], r["response"]) for r in rows]
+    missing = load_config(None, [*sets, f"release.forget_path={s3_uri}/reveal/none.jsonl"])
+    with pytest.raises(FileNotFoundError, match="release.forget_path"):
+        load_forget_rows(missing, RunDir.open(missing.run.dir))
+    assert not (tmp_path / "run").exists()

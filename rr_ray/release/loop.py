@@ -48,11 +48,13 @@ def plan(iterations: int) -> list[tuple[str, str]]:
 def load_forget_rows(cfg: RRConfig, run: RunDir) -> list[dict[str, str]]:
     """The forget set: ``release.forget_path`` if given, else the run's Reveal output."""
     if cfg.release.forget_path:
-        path = Path(cfg.release.forget_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"release.forget_path: {path}: no such file")
-        rows = RunDir.open(str(path.parent)).read_jsonl(path.name)
-        source = str(path)
+        source = cfg.release.forget_path
+        # A local path or an s3:// URI (an ablation in `rr-ray compare` reads reveal_release's reveal output).
+        parent, _, name = source.rstrip("/").rpartition("/")
+        folder = RunDir.open(parent or ".", endpoint_url=cfg.run.s3_endpoint_url)
+        if not name or not folder.exists(name):
+            raise FileNotFoundError(f"release.forget_path: {source}: no such file")
+        rows = folder.read_jsonl(name)
     elif run.exists("reveal/forget.jsonl"):
         rows, source = run.read_jsonl("reveal/forget.jsonl"), f"{run.uri}/reveal/forget.jsonl"
     else:
