@@ -200,7 +200,9 @@ def sandbox_report() -> SandboxReport:
     if forced and forced not in MODES:
         raise ValueError(f"RR_RAY_SANDBOX_MODE={forced!r}; expected one of {MODES}")
     candidates = [forced] if forced else [m for m in MODES if _mode_possible(m)]
-    limits = SandboxLimits(wall_s=20, cpu_s=10)
+    # A generous wall limit: with 20 s the probe timed out on a loaded 2-core node (a compare beside two other
+    # heavy jobs) and the run stopped, yet a timeout says nothing about isolation. A working probe takes ~1 s.
+    limits = SandboxLimits(wall_s=120, cpu_s=10)
     failures = []
     for mode in candidates:
         # A world-writable host directory: only isolation, not permissions, can keep writes out.
