@@ -97,11 +97,11 @@ def test_killed_reveal_resumes_without_redoing_steps(tmp_path: Path, tiny_model_
     proc = subprocess.Popen([sys.executable, "-m", "rr_ray", "reveal", str(killed_cfg)], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     ckpt = tmp_path / "killed" / CHECKPOINT
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # 90 s was too short on a loaded 2-core machine
     try:
         while not ckpt.exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
