@@ -136,6 +136,12 @@ def table_rich(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def log_scaled(values: list[float]) -> bool:
+    """Whether a scatter axis is drawn in log scale: every value positive and spanning over 10x (linear would
+    pile the well-forgetting methods onto one point near 0)."""
+    return min(values) > 0 and max(values) > 10 * min(values)
+
+
 def scatter_png(rows: list[dict[str, Any]], title: str) -> bytes:
     """Forget score (lower is better) against utility (higher is better), one point per method."""
     import matplotlib
@@ -148,7 +154,12 @@ def scatter_png(rows: list[dict[str, Any]], title: str) -> bytes:
         base = r["method"] == "base"
         ax.scatter(r["s"], r["u"], s=60, marker="s" if base else "o", color="tab:gray" if base else None,
                    label=r["method"], zorder=3)
-        ax.annotate(r["method"], (r["s"], r["u"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # Methods that forget well sit near s = 0 and their point labels overlapped: a legend names the points.
+    if log_scaled([r["s"] for r in rows]):
+        ax.set_xscale("log")
+    if log_scaled([r["u"] for r in rows]):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
     ax.set_xlabel(f"forget: {rows[0]['s_metric']} (lower = more forgotten)")
     ax.set_ylabel(f"utility: {rows[0]['u_metric']} (higher = kept)")
     ax.set_title(title, fontsize=10)

@@ -223,3 +223,14 @@ def test_ablation_table_puts_the_steps_side_by_side() -> None:
     assert lines[3].startswith("| 2 | +lambda_1 = +1 | 0.125 | 0.900 | | | |")
     assert "forget_rule_60 forget 0.3 (62.5 % drop)" in md and "Figure 4" in md
     assert ablations_png({"reveal_release": ours, "forget_rule_60": rule}, "code")[:4] == b"\x89PNG"
+
+
+def test_scatter_uses_log_axes_only_for_positive_scores_spread_over_decades() -> None:
+    from rr_ray.compare import log_scaled, scatter_png
+
+    assert log_scaled([0.7133, 0.002284, 0.2477])  # the default compare's forget scores
+    assert not log_scaled([0.0, 0.5, 0.2])  # pass@1 of 0 has no log
+    assert not log_scaled([0.02, 0.1, 0.05])  # within 10x: linear reads better
+    rows = [{"method": m, "s": s, "u": 0.01, "s_metric": "proxy", "u_metric": "proxy"}
+            for m, s in (("base", 0.71), ("ours", 0.002))]
+    assert scatter_png(rows, "t")[:8] == b"\x89PNG\r\n\x1a\n"
