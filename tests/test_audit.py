@@ -169,6 +169,18 @@ def test_recovery_and_verdicts() -> None:
     assert any(line.startswith("FAIL: relearn (relearn-n3) on unlearned") for line in verdict_lines(summary))
 
 
+def test_scoring_leaves_room_for_one_relearning_trainer() -> None:
+    from rr_ray.audit.run import score_slots
+
+    default = load_config(None)  # 2 trainer workers x 1 CPU, 2 CPUs per scoring task
+    assert score_slots(default, {"CPU": 2.0}) == 0  # on 2 CPUs the trainer goes first, alone
+    assert score_slots(default, {"CPU": 16.0}) == 7
+    small = load_config(None, ["release.train.num_workers=1", "generation.cpus_per_actor=1"])
+    assert score_slots(small, {"CPU": 2.0}) == 1
+    gpu = load_config(None, ["release.train.use_gpu=true", "generation.gpus_per_actor=1"])
+    assert score_slots(gpu, {"CPU": 64.0, "GPU": 3.0}) == 1  # the GPUs, not the CPUs, bind
+
+
 def test_audit_command_on_a_release_run(handmade, ray_local, capsys: pytest.CaptureFixture[str]) -> None:
     from rr_ray.cli import main
 

@@ -149,6 +149,17 @@ def recovery(s_attacked: float, s_unlearned: float, s_base: float) -> float | No
     return (s_attacked - s_unlearned) / removed if removed > 0 else None
 
 
+def score_slots(cfg: RRConfig, cluster: dict[str, float]) -> int:
+    """How many scoring tasks may run while a relearning fine-tune waits: the cluster's CPUs (and GPUs, when
+    both use them) less one trainer's worker group, per scoring task. Uncapped, the queued scoring tasks took
+    every freed CPU and the trainer never started (2 CPUs: no fine-tune in 84 min, 25 scores done)."""
+    gen, train = cfg.generation, cfg.release.train
+    slots = (cluster.get("CPU", 0.0) - train.num_workers * train.cpus_per_worker) // gen.cpus_per_actor
+    if gen.gpus_per_actor and train.use_gpu:
+        slots = min(slots, (cluster.get("GPU", 0.0) - train.num_workers) // gen.gpus_per_actor)
+    return max(0, int(slots))
+
+
 def _collect(cfg: RRConfig, run: RunDir, models: dict[str, str | None], console: Console) -> dict[str, dict]:
     """Every (attack, model) result, from the run or from Ray tasks launched now; written as each finishes."""
     resources = {"num_cpus": cfg.generation.cpus_per_actor, "num_gpus": cfg.generation.gpus_per_actor}
@@ -156,35 +167,44 @@ def _collect(cfg: RRConfig, run: RunDir, models: dict[str, str | None], console:
     relearn = ray.remote(num_cpus=0)(_relearn)  # its Ray Train workers ask for the CPUs/GPUs
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, tuple[str, str, str]] = {}  # ref -> (what, attack id, model)
+    queued: list[tuple[str | None, str, str]] = []  # (adapter, attack id, model): scoring not yet submitted
     by_id = {a["id"]: a for a in attacks(cfg)}
     for attack in by_id.values():
         for name, adapter in models.items():
             rel = f"{OUT}/{attack['id']}/{_safe(name)}.json"
             if run.exists(rel):
                 results.setdefault(attack["id"], {})[name] = run.read_json(rel)
-            elif attack["kind"] == "relearn":
-                done = run.done_info(f"audit-{attack['id']}-{name}")
-                if done:
-                    pending[score.remote(cfg.to_yaml(), done["adapter"], attack)] = ("score", attack["id"], name)
-                else:
-                    pending[relearn.remote(cfg.to_yaml(), adapter, name, attack["id"],
-                                           attack["examples"])] = ("train", attack["id"], name)
+            elif attack["kind"] == "relearn" and not (done := run.done_info(f"audit-{attack['id']}-{name}")):
+                pending[relearn.remote(cfg.to_yaml(), adapter, name, attack["id"],
+                                       attack["examples"])] = ("train", attack["id"], name)
             else:
-                pending[score.remote(cfg.to_yaml(), adapter, attack)] = ("score", attack["id"], name)
-    total = len(pending)
+                queued.append((done["adapter"] if attack["kind"] == "relearn" else adapter, attack["id"], name))
+    total = len(pending) + len(queued)
+
+    def submit() -> None:
+        # While a fine-tune is pending, scoring takes only what one trainer's worker group leaves free.
+        running = [what for what, *_ in pending.values()]
+        free = score_slots(cfg, ray.cluster_resources()) - running.count("score") if "train" in running \
+            else len(queued)
+        for adapter, attack_id, name in queued[:max(0, free)]:
+            pending[score.remote(cfg.to_yaml(), adapter, by_id[attack_id])] = ("score", attack_id, name)
+        del queued[:max(0, free)]
+
+    submit()
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)
         what, attack_id, name = pending.pop(ref)
         value = ray.get(ref)
         if what == "train":
             run.mark_done(f"audit-{attack_id}-{name}", {"adapter": value})
-            pending[score.remote(cfg.to_yaml(), value, by_id[attack_id])] = ("score", attack_id, name)
+            queued.insert(0, (value, attack_id, name))
             console.print(f"audit: {attack_id}: {name} fine-tuned, scoring it")
-            continue
-        run.write_json(f"{OUT}/{attack_id}/{_safe(name)}.json", value)
-        results.setdefault(attack_id, {})[name] = value
-        console.print(f"audit: {attack_id} on {name} scored ({sum(len(v) for v in results.values())} results; "
-                      f"{len(pending)} of {total} tasks left)")
+        else:
+            run.write_json(f"{OUT}/{attack_id}/{_safe(name)}.json", value)
+            results.setdefault(attack_id, {})[name] = value
+            console.print(f"audit: {attack_id} on {name} scored ({sum(len(v) for v in results.values())} "
+                          f"results; {len(pending) + len(queued)} of {total} tasks left)")
+        submit()
     return results
 
 
